@@ -1,0 +1,56 @@
+# Two commands for a new user: `make demo` (the whole pipeline on the bundled corpus) and `make test`.
+# Both bootstrap .venv with pinned dependencies first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrapped
+# CPU machines get the pinned CPU wheel; a machine with a GPU keeps (or resolves) its own CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+DEMO_DIR ?= data_shards/demo
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-slow test-all lint format bench venv clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	# --no-build-isolation: DeepSpeed's sdist must build against the torch above, not pull a CUDA one.
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m pipeline tokenizer --config configs/tokenizer/demo.yaml --output $(DEMO_DIR)/tokenizer
+	$(PY) -m pipeline shard --config configs/preprocess/demo-bert.yaml --tokenizer $(DEMO_DIR)/tokenizer --output $(DEMO_DIR)/shards-bert-128 --workers 2
+	$(PY) -m pipeline shard --config configs/preprocess/demo-gpt.yaml --tokenizer $(DEMO_DIR)/tokenizer --output $(DEMO_DIR)/shards-gpt-128 --workers 2
+	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --verify --plot $(DEMO_DIR)/shards-bert-128/lengths.png
+	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-gpt-128 --verify
+	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --decode 2 --json
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) benchmarks/preprocess.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,75 @@
+"""`python -m pipeline <command>`: one thin entry point per capability.
+
+Command modules are imported only when their command runs, so `--help` and the light commands start
+without importing torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.config import ConfigError
+from pipeline.errors import UserError
+
+# name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("pipeline.tokenizer.command", "train a SentencePiece tokenizer with fixed special-token ids"),
+    "shard": ("pipeline.preprocess.command", "turn raw documents into WebDataset shards of BERT pairs or GPT blocks"),
+    "merge": ("pipeline.preprocess.merge", "join the parts of a multi-task sharding run into one manifest"),
+    "inspect": ("pipeline.preprocess.inspect", "summarise, verify and decode a shard directory"),
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="BERT / GPT-1 pre-training pipeline: preprocess -> pre-train -> fine-tune -> export.",
+        epilog="Run `python -m pipeline <command> --help` for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse only the command name first, so each command builds its own full parser lazily.
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose = True
+        argv = argv[1:]
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    cmd_parser = argparse.ArgumentParser(
+        prog=f"python -m pipeline {name}",
+        description=(module.__doc__ or summary).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(rest)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,29 @@
+"""Typed, YAML-backed configuration with dotted command-line overrides."""
+
+from pipeline.config.core import (
+    ConfigError,
+    add_config_arguments,
+    build_config,
+    config_from_args,
+    flatten,
+    from_dict,
+    load_yaml,
+    option,
+    save_config,
+    section,
+    to_dict,
+)
+
+__all__ = [
+    "ConfigError",
+    "add_config_arguments",
+    "build_config",
+    "config_from_args",
+    "flatten",
+    "from_dict",
+    "load_yaml",
+    "option",
+    "save_config",
+    "section",
+    "to_dict",
+]
