@@ -66,9 +66,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if _is_union(tp):
         args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -313,9 +313,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, with_con
         kwargs: dict[str, Any] = {
             "dest": _DEST_PREFIX + name.replace(".", "__"),
             "default": argparse.SUPPRESS,
-            "help": f"{f.metadata.get('help', '')} [{_type_label(tp)}, default: {_default_repr(f)}]".replace(
-                "%", "%%"
-            ),
+            "help": f"{f.metadata.get('help', '')} [{_type_label(tp)}, default: {_default_repr(f)}]".replace("%", "%%"),
         }
         origin = get_origin(tp)
         if origin in (list, tuple):
