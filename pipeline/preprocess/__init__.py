@@ -1,0 +1,1 @@
+"""Sharded preprocessing: raw documents -> BERT sentence pairs / GPT blocks in WebDataset shards."""

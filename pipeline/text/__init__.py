@@ -1,0 +1,1 @@
+"""Raw text: readers for txt/jsonl/parquet inputs and sentence splitting."""
