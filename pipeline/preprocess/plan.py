@@ -4,8 +4,9 @@ A job is a piece of input that one worker reads from start to end:
 
 - ``files``: consecutive small files read whole (one-document-per-file text, small JSONL/Parquet files),
   grouped until they hold ``unit_bytes`` and at least ``min_docs_per_unit`` files;
-- ``range``: the lines of a large uncompressed JSONL file whose first byte lies in ``[start, end)``;
-- ``stream``: a large compressed file, or a large blank-line-separated text file, read as one stream;
+- ``range``: the lines of a large JSONL file whose first byte lies in ``[start, end)`` (offsets in the
+  decompressed stream for ``.jsonl.gz`` up to ``input.gzip_split_max_bytes``);
+- ``stream``: a larger compressed file, or a large blank-line-separated text file, read as one stream;
 - ``parquet``: a run of row groups of a Parquet file.
 
 A worker cuts a job's document stream into units of about ``unit_bytes`` of text (see ``iter_units``); every
@@ -28,6 +29,7 @@ from pipeline.text.readers import (
     ReadStats,
     check_parquet_schema,
     guarded,
+    gzip_uncompressed_size,
     read_file,
     read_jsonl,
     read_parquet,
@@ -75,9 +77,16 @@ def plan_jobs(files: list[InputFile], cfg: InputConfig, unit_bytes: int, min_doc
                 flush()
             continue
         flush()
-        if f.format == "jsonl" and not f.compressed:
-            num = -(-f.size // unit_bytes)
-            bounds = [f.size * k // num for k in range(num + 1)]
+        stream_size = f.size
+        if f.format == "jsonl" and f.compressed:
+            isize = gzip_uncompressed_size(f.path)
+            splittable = isize is not None and isize <= cfg.gzip_split_max_bytes
+            stream_size = isize if splittable else 0
+        if f.format == "jsonl" and stream_size > unit_bytes:
+            num = -(-stream_size // unit_bytes)
+            # The last range is open-ended (end=0 means "to the end"): a compressed file's recorded size is a
+            # hint, and no line may be lost if it is off.
+            bounds = [stream_size * k // num for k in range(num)] + [0]
             for k in range(num):
                 hashes = (i,) if k == 0 else ()
                 jobs.append(
@@ -115,7 +124,11 @@ def job_documents(job: Job, files: list[InputFile], cfg: InputConfig, stats: Rea
             yield from read_file(files[i], cfg, stats)
     elif job.kind == "range":
         f = files[job.files[0]]
-        yield from guarded(f, read_jsonl(f, cfg, stats, job.start, job.end), stats)
+        end = job.end or None
+        ok = stats.counts["unreadable_files"]
+        yield from guarded(f, read_jsonl(f, cfg, stats, job.start, end), stats)
+        if end is None and stats.counts["unreadable_files"] == ok:
+            stats.counts["files_read"] += 1  # counted once per file, by its last range
     elif job.kind == "parquet":
         f = files[job.files[0]]
         if job.row_groups:

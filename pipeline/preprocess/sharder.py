@@ -163,7 +163,8 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         "token_dtype": tokenizer.token_dtype.name,
         "sample_fields": sample_fields(cfg.data.objective, cfg.data.static_masking),
         "tokenizer": tokenizer.describe(),
-        "config": {k: v for k, v in to_dict(cfg).items() if k != "run"},
+        # Where the shards are (output.dir) and how the work ran (run) do not describe what they hold.
+        "config": {k: v for k, v in to_dict(cfg).items() if k != "run"} | {"output": cfg.content_config()["output"]},
     }
     elapsed = time.time() - t0
     part = {"task": task_index, "num_tasks": num_tasks, "fingerprint": plan["fingerprint"], "header": header}

@@ -49,6 +49,11 @@ class InputConfig:
     jsonl_field: str = option("text", "the JSON field holding a document's text in .jsonl inputs")
     parquet_column: str = option("text", "the column holding a document's text in .parquet inputs")
     parquet_batch_rows: int = option(1024, "rows per pyarrow record batch when streaming parquet files")
+    gzip_split_max_bytes: int = option(
+        16 << 20,
+        "split .jsonl.gz files up to this decompressed size over several workers (each skips to its range);"
+        " larger ones are read by one worker",
+    )
     on_decode_error: Literal["replace", "skip"] = option(
         "replace", "non-UTF-8 bytes: decode with U+FFFD and count the file (replace), or skip it with a reason (skip)"
     )
@@ -248,30 +253,29 @@ def _jsonl_document(raw: bytes, lineno: int, f: InputFile, cfg: InputConfig, sta
 
 
 def read_jsonl(f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0, end: int | None = None):
-    """Whole file, or the lines whose first byte lies in [start, end) (uncompressed files only)."""
-    if f.compressed or (start == 0 and end is None):
-        with _open_binary(f) as fh:
-            for lineno, raw in enumerate(fh, 1):
-                stats.counts["bytes"] += len(raw)
-                yield from _jsonl_document(raw, lineno, f, cfg, stats)
-        return
-    with open(f.path, "rb") as fh:
+    """Whole file, or the lines whose first byte lies in ``[start, end)``.
+
+    Offsets are in the decompressed stream for ``.jsonl.gz``: a range job of a compressed file decompresses
+    and discards the bytes before its range (the planner only splits compressed files that are small enough
+    for this to be cheaper than reading them in one worker).
+    """
+    with _open_binary(f) as fh:
         lineno = 1
+        pos = 0
         if start > 0:
-            # Line numbers are only for messages; counting newlines before `start` is one fast C-level pass.
-            remaining = start - 1
-            while remaining > 0:
-                chunk = fh.read(min(remaining, 1 << 22))
+            # Advance to start - 1 reading forward (gzip streams cannot jump); line numbers are only for
+            # messages, and counting newlines in the skipped bytes is one C-level pass.
+            while pos < start - 1:
+                chunk = fh.read(min(start - 1 - pos, 1 << 22))
                 if not chunk:
                     break
                 lineno += chunk.count(b"\n")
-                remaining -= len(chunk)
-            fh.seek(start - 1)
+                pos += len(chunk)
             # A line that started before `start` belongs to the previous range: skip to the next line start.
-            lineno += fh.readline().count(b"\n")
-        pos = fh.tell()
-        limit = f.size if end is None else end
-        while pos < limit:
+            rest = fh.readline()
+            lineno += rest.count(b"\n")
+            pos += len(rest)
+        while end is None or pos < end:
             raw = fh.readline()
             if not raw:
                 break
@@ -279,6 +283,19 @@ def read_jsonl(f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0,
             stats.counts["bytes"] += len(raw)
             yield from _jsonl_document(raw, lineno, f, cfg, stats)
             lineno += 1
+
+
+def gzip_uncompressed_size(path: str) -> int | None:
+    """The size recorded in a gzip trailer (ISIZE, modulo 2**32), or None if it cannot be trusted."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(fh.read(4), "little")
+        compressed = os.path.getsize(path)
+    except OSError:
+        return None
+    # Past 4 GiB the field wraps; a result smaller than the compressed file means it did (or the file is odd).
+    return isize if compressed < (1 << 32) and isize >= compressed // 2 else None
 
 
 def read_parquet(f: InputFile, cfg: InputConfig, stats: ReadStats, row_groups: list[int] | None = None):
