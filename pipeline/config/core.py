@@ -168,8 +168,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, prefix: str = "") ->
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], full)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except TypeError as exc:  # a required field without a value
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+    except ValueError as exc:  # __post_init__ validation: already names the field
+        raise ConfigError(str(exc)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
