@@ -33,6 +33,8 @@ demo: $(STAMP)
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --decode 2 --json
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
