@@ -22,34 +22,50 @@ def _inputs(*shapes, seed=0):
     return [torch.randn(*s, generator=g).requires_grad_() for s in shapes]
 
 
-def _check(fn_name, args, consts):
-    ref_fn = getattr(fused.REFERENCE, fn_name)
-    fast_fn = getattr(fused.compiled_kernels(), fn_name)
-    ref_args = [a.detach().clone().requires_grad_() for a in args]
-    ref = ref_fn(*ref_args, *consts)
-    out = fast_fn(*args, *consts)
+def _check(fn_name, tensors, call):
+    """``call(kernel, *tensors)`` through the reference and the compiled kernel: same outputs, same gradients."""
+    ref_tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    ref = call(getattr(fused.REFERENCE, fn_name), *ref_tensors)
+    out = call(getattr(fused.compiled_kernels(), fn_name), *tensors)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     grad = torch.randn_like(ref)
     ref.backward(grad)
     out.backward(grad)
-    for a, r in zip(args, ref_args, strict=True):
-        torch.testing.assert_close(a.grad, r.grad, atol=ATOL, rtol=RTOL)
+    for t, r in zip(tensors, ref_tensors, strict=True):
+        torch.testing.assert_close(t.grad, r.grad, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_gelu_fused_equals_reference(approximate):
-    x, w, b = _inputs((2, 5, 16), (24, 16), (24,))
-    _check("linear_gelu", [x, w, b], [approximate])
+    _check(
+        "linear_gelu",
+        _inputs((2, 5, 16), (24, 16), (24,)),
+        lambda fn, x, w, b: fn(x, w, b, approximate),
+    )
+
+
+def test_linear_gelu_norm_fused_equals_reference():
+    _check(
+        "linear_gelu_norm",
+        _inputs((7, 16), (16, 16), (16,), (16,), (16,)),
+        lambda fn, x, w, b, nw, nb: fn(x, w, b, "none", nw, nb, 1e-12),
+    )
 
 
 def test_linear_dropout_add_norm_fused_equals_reference():
-    x, w, b, res, nw, nb = _inputs((2, 5, 24), (16, 24), (16,), (2, 5, 16), (16,), (16,))
-    _check("linear_dropout_add_norm", [x, w, b, res, nw, nb], [1e-12, 0.0, True])
+    _check(
+        "linear_dropout_add_norm",
+        _inputs((2, 5, 24), (16, 24), (16,), (2, 5, 16), (16,), (16,)),
+        lambda fn, x, w, b, res, nw, nb: fn(x, w, b, res, nw, nb, 1e-12, 0.0, True),
+    )
 
 
 def test_linear_dropout_add_fused_equals_reference():
-    x, w, b, res = _inputs((2, 5, 24), (16, 24), (16,), (2, 5, 16))
-    _check("linear_dropout_add", [x, w, b, res], [0.0, True])
+    _check(
+        "linear_dropout_add",
+        _inputs((2, 5, 24), (16, 24), (16,), (2, 5, 16)),
+        lambda fn, x, w, b, res: fn(x, w, b, res, 0.0, True),
+    )
 
 
 def test_fused_dropout_keeps_its_statistics():
@@ -68,9 +84,12 @@ def test_auto_mode_uses_reference_on_cpu():
     assert fused.kernels("compile", x) is fused.compiled_kernels()
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
-@pytest.mark.parametrize("pre_layernorm", [False, True], ids=["post_ln", "pre_ln"])
-def test_fused_model_equals_reference_model(arch, pre_layernorm):
+@pytest.mark.parametrize(
+    ("arch", "pre_layernorm", "checkpointing"),
+    [("bert", False, False), ("bert", True, False), ("gpt", False, False), ("gpt", True, True)],
+    ids=["bert-post_ln", "bert-pre_ln", "gpt-post_ln", "gpt-pre_ln-checkpointed"],
+)
+def test_fused_model_equals_reference_model(arch, pre_layernorm, checkpointing):
     def cfg(mode):
         return ModelConfig(
             arch=arch,
@@ -83,6 +102,7 @@ def test_fused_model_equals_reference_model(arch, pre_layernorm):
             hidden_dropout=0.0,
             attention_dropout=0.0,
             pre_layernorm=pre_layernorm,
+            activation_checkpointing=checkpointing,
             fused=mode,
         )
 

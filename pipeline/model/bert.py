@@ -36,8 +36,9 @@ class MLMTransform(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, h: Tensor) -> Tensor:
-        h = fused.kernels(self.cfg.fused, h).linear_gelu(h, self.dense.weight, self.dense.bias, self.approximate)
-        return fused.layer_norm(h, self.norm.weight, self.norm.bias, self.norm.eps)
+        k = fused.kernels(self.cfg.fused, h)
+        d, n = self.dense, self.norm
+        return k.linear_gelu_norm(h, d.weight, d.bias, self.approximate, n.weight, n.bias, n.eps)
 
 
 @dataclass

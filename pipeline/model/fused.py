@@ -32,6 +32,11 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -> Te
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+def linear_gelu_norm(x: Tensor, weight: Tensor, bias: Tensor, approximate: str, norm_weight, norm_bias, eps):
+    """LayerNorm(gelu(x @ W.T + b)): the MLM head's transform, on the (N, H) masked positions only."""
+    return layer_norm(F.gelu(F.linear(x, weight, bias), approximate=approximate), norm_weight, norm_bias, eps)
+
+
 def linear_dropout_add(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, p: float, training: bool) -> Tensor:
     """residual + dropout(x @ W.T + b): a pre-LN sub-layer's output."""
     return residual + F.dropout(F.linear(x, weight, bias), p, training)
@@ -54,11 +59,12 @@ def linear_dropout_add_norm(
 
 class Kernels(NamedTuple):
     linear_gelu: object
+    linear_gelu_norm: object
     linear_dropout_add: object
     linear_dropout_add_norm: object
 
 
-REFERENCE = Kernels(linear_gelu, linear_dropout_add, linear_dropout_add_norm)
+REFERENCE = Kernels(linear_gelu, linear_gelu_norm, linear_dropout_add, linear_dropout_add_norm)
 
 
 @functools.cache
@@ -66,7 +72,8 @@ def compiled_kernels() -> Kernels:
     """The same functions through inductor; compiled lazily, on first use, once per process and shape family.
 
     ``dynamic=None`` compiles the first shape statically and switches to a dynamic-shape kernel the first time
-    a dimension changes (sequence length across batches), so a run recompiles at most once per function.
+    a dimension changes (sequence length across batches, number of masked tokens), so a run recompiles about
+    once per function and mode (train / eval). Each call site has its own function, hence its own cache.
     """
     return Kernels(*(torch.compile(fn, dynamic=None) for fn in REFERENCE))
 

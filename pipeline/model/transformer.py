@@ -127,7 +127,11 @@ class TransformerBody(nn.Module):
     def attention_mask(self, attention_mask: Tensor | None, T: int) -> tuple[Tensor | None, bool]:
         """The SDPA mask (True = attend) and is_causal flag for a (B, T) padding mask."""
         if attention_mask is None:
-            return None, self.causal  # no mask tensor at all: the fastest kernels
+            return None, self.causal
+        # Without a mask tensor SDPA can pick its fastest kernel (flash); checking costs one host sync, which
+        # a model compiled as a whole would turn into a graph break, so it is skipped there.
+        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            return None, self.causal
         keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
         if not self.causal:
             return keys, False
