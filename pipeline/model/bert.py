@@ -115,7 +115,7 @@ class BertForPretraining(nn.Module):
         if nsp_labels is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=IGNORE_INDEX)
             labelled = nsp_labels != IGNORE_INDEX
-            nsp_correct = ((nsp_logits.detach().argmax(-1) == nsp_labels) & labelled).sum()
+            nsp_correct = ((nsp_logits.detach().float().argmax(-1) == nsp_labels) & labelled).sum()
             nsp_count = labelled.sum()
 
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
