@@ -96,8 +96,8 @@ class BertForPretraining(nn.Module):
 
         mlm_loss = mlm_correct = mlm_count = None
         if mlm_labels is None:
-            h = self.mlm_transform(hidden)
-            mlm_logits = vocab_logits(h.flatten(0, 1), self.decoder_weight, self.mlm_bias, V)
+            h = self.mlm_transform(hidden.flatten(0, 1))  # (B*T, H)
+            mlm_logits = vocab_logits(h, self.decoder_weight, self.mlm_bias, V)
             mlm_logits = mlm_logits.view(*hidden.shape[:2], V)  # (B, T, V)
         else:
             mlm = token_cross_entropy(
@@ -118,9 +118,12 @@ class BertForPretraining(nn.Module):
             nsp_correct = ((nsp_logits.detach().float().argmax(-1) == nsp_labels) & labelled).sum()
             nsp_count = labelled.sum()
 
-        losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
+        if mlm_loss is not None and nsp_loss is not None:
+            loss = mlm_loss + nsp_loss
+        else:
+            loss = mlm_loss if mlm_loss is not None else nsp_loss
         return BertPretrainOutput(
-            loss=sum(losses[1:], losses[0]) if losses else None,
+            loss=loss,
             mlm_loss=mlm_loss,
             nsp_loss=nsp_loss,
             mlm_logits=mlm_logits,

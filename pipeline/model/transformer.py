@@ -7,6 +7,8 @@ flavour. ``pre_layernorm`` switches both to ``x = x + sublayer(LN(x))`` with a f
 Parameters are laid out as ``nn.Linear``/``nn.LayerNorm`` modules so that state dicts read naturally and
 convert to Hugging Face one-to-one (``hf_convert.py``); the forward passes call the functional kernels of
 ``fused.py`` on those parameters so the bias, dropout, residual and LayerNorm around each GEMM can fuse.
+(For DeepSpeed ZeRO-3, which gathers a module's parameters when *that* module runs, the wrapper must mark
+``Block`` as a leaf module and register the tied embedding as an external parameter of the model.)
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.dropout = cfg.attention_dropout
+        self.dropout_p = cfg.attention_dropout
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # one GEMM for q, k and v
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
@@ -72,7 +74,7 @@ class SelfAttention(nn.Module):
         # A boolean mask (True = attend) rather than an additive one: no -inf/finfo.min arithmetic to overflow
         # in fp16, and the kernels skip masked blocks.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, is_causal=is_causal
         )  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H), before the output projection
 
@@ -92,21 +94,19 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
         k = fused.kernels(self.cfg.fused, x)
-        p, training, eps = self.cfg.hidden_dropout, self.training, self.cfg.layer_norm_eps
-        n1, n2 = self.norm1, self.norm2
-        if self.cfg.pre_layernorm:
-            a = self.attn(fused.layer_norm(x, n1.weight, n1.bias, eps), mask, is_causal)
-            x = k.linear_dropout_add(a, self.attn.proj.weight, self.attn.proj.bias, x, p, training)
-            h = k.linear_gelu(
-                fused.layer_norm(x, n2.weight, n2.bias, eps), self.fc.weight, self.fc.bias, self.approximate
-            )
-            return k.linear_dropout_add(h, self.proj.weight, self.proj.bias, x, p, training)
-        a = self.attn(x, mask, is_causal)
-        x = k.linear_dropout_add_norm(
-            a, self.attn.proj.weight, self.attn.proj.bias, x, n1.weight, n1.bias, eps, p, training
-        )
-        h = k.linear_gelu(x, self.fc.weight, self.fc.bias, self.approximate)  # (B, T, I)
-        return k.linear_dropout_add_norm(h, self.proj.weight, self.proj.bias, x, n2.weight, n2.bias, eps, p, training)
+        p, train = self.cfg.hidden_dropout, self.training
+        out, fc, proj, n1, n2 = self.attn.proj, self.fc, self.proj, self.norm1, self.norm2
+        if self.cfg.pre_layernorm:  # x = x + sublayer(LN(x))
+            a = self.attn(fused.layer_norm(x, n1.weight, n1.bias, n1.eps), mask, is_causal)  # (B, T, H)
+            x = k.linear_dropout_add(a, out.weight, out.bias, x, p, train)
+            h = fused.layer_norm(x, n2.weight, n2.bias, n2.eps)
+            h = k.linear_gelu(h, fc.weight, fc.bias, self.approximate)  # (B, T, I)
+            return k.linear_dropout_add(h, proj.weight, proj.bias, x, p, train)
+        # Post-LN, as in both papers: x = LN(x + sublayer(x)).
+        a = self.attn(x, mask, is_causal)  # (B, T, H)
+        x = k.linear_dropout_add_norm(a, out.weight, out.bias, x, n1.weight, n1.bias, n1.eps, p, train)
+        h = k.linear_gelu(x, fc.weight, fc.bias, self.approximate)  # (B, T, I)
+        return k.linear_dropout_add_norm(h, proj.weight, proj.bias, x, n2.weight, n2.bias, n2.eps, p, train)
 
 
 class TransformerBody(nn.Module):
