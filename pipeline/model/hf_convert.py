@@ -1,0 +1,241 @@
+"""Weights both ways between our models and Hugging Face's ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel``.
+
+The state-dict functions are plain tensor renames and need no transformers; only building a transformers
+config or model imports it, lazily (it is a dev/test dependency, not a runtime one).
+
+Differences handled here:
+* we keep q, k and v as one (3H, H) matrix; Hugging Face BERT has three, GPT-1 one fused ``c_attn``;
+* GPT-1's ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``;
+* our embedding table may be padded to a multiple of 8 rows: export strips the padding (fine-tuning code
+  sizes its softmax from the embedding, and padded rows once silently corrupted scores, NVIDIA
+  DeepLearningExamples #1154); import pads with zero rows again.
+Pre-LN models have no Hugging Face counterpart in these two classes and are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.model.config import ModelConfig
+
+# Hugging Face's names for GELU: BERT's ACT2FN spelling, GPT-1's `afn` (where "gelu" means the tanh form).
+_BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_BERT_ACT_BACK = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    if cfg.pre_layernorm:
+        raise ValueError("model.pre_layernorm: Hugging Face BERT / OpenAI GPT are post-LN; cannot convert")
+    if cfg.arch == "gpt":
+        if cfg.activation != "gelu_tanh":
+            raise ValueError("model.activation: OpenAIGPT's GELU is the tanh approximation; cannot convert exact gelu")
+        if cfg.intermediate_size != 4 * cfg.hidden_size:
+            raise ValueError("model.intermediate_size: OpenAIGPT fixes the MLP width at 4 * hidden_size")
+
+
+def _unpad(t: Tensor, cfg: ModelConfig) -> Tensor:
+    # A copy, not a view: a saved view would carry the padded storage along with it.
+    return t[: cfg.vocab_size].clone() if t.size(0) > cfg.vocab_size else t
+
+
+def _pad(t: Tensor, cfg: ModelConfig) -> Tensor:
+    if t.size(0) > cfg.vocab_size:
+        raise ValueError(f"model.vocab_size: checkpoint has {t.size(0)} rows, config says {cfg.vocab_size}")
+    extra = cfg.padded_vocab_size - t.size(0)
+    return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra else t
+
+
+# Per-layer names: ours -> BERT's (q/k/v handled separately).
+_BERT_LAYER = {
+    "attn.proj": "attention.output.dense",
+    "norm1": "attention.output.LayerNorm",
+    "fc": "intermediate.dense",
+    "proj": "output.dense",
+    "norm2": "output.LayerNorm",
+}
+_BERT_TOP = {
+    "transformer.embeddings.position.weight": "bert.embeddings.position_embeddings.weight",
+    "transformer.embeddings.token_type.weight": "bert.embeddings.token_type_embeddings.weight",
+    "transformer.embeddings.norm.weight": "bert.embeddings.LayerNorm.weight",
+    "transformer.embeddings.norm.bias": "bert.embeddings.LayerNorm.bias",
+    "pooler.dense.weight": "bert.pooler.dense.weight",
+    "pooler.dense.bias": "bert.pooler.dense.bias",
+    "mlm_transform.dense.weight": "cls.predictions.transform.dense.weight",
+    "mlm_transform.dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm_transform.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "mlm_transform.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "mlm_bias": "cls.predictions.bias",
+    "nsp_head.weight": "cls.seq_relationship.weight",
+    "nsp_head.bias": "cls.seq_relationship.bias",
+}
+_GPT_LAYER = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "norm1": "ln_1", "fc": "mlp.c_fc"}
+_GPT_LAYER.update({"proj": "mlp.c_proj", "norm2": "ln_2"})
+_GPT_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict -> the state dict of ``BertForPreTraining`` or ``OpenAIGPTLMHeadModel`` (tied keys included)."""
+    _check_exportable(cfg)
+    sd = {k: v.detach() for k, v in state_dict.items()}
+    word = _unpad(sd["transformer.embeddings.word.weight"], cfg)
+    out: dict[str, Tensor] = {}
+    if cfg.arch == "bert":
+        out["bert.embeddings.word_embeddings.weight"] = word
+        out["cls.predictions.decoder.weight"] = word
+        for ours, theirs in _BERT_TOP.items():
+            out[theirs] = sd[ours]
+        out["cls.predictions.decoder.bias"] = sd["mlm_bias"]
+        for i in range(cfg.num_layers):
+            src, dst = f"transformer.layers.{i}.", f"bert.encoder.layer.{i}."
+            for part in ("weight", "bias"):
+                q, k, v = sd[f"{src}attn.qkv.{part}"].chunk(3, dim=0)
+                out[f"{dst}attention.self.query.{part}"] = q
+                out[f"{dst}attention.self.key.{part}"] = k
+                out[f"{dst}attention.self.value.{part}"] = v
+                for ours, theirs in _BERT_LAYER.items():
+                    out[f"{dst}{theirs}.{part}"] = sd[f"{src}{ours}.{part}"]
+    else:
+        out["transformer.tokens_embed.weight"] = word
+        out["lm_head.weight"] = word
+        out["transformer.positions_embed.weight"] = sd["transformer.embeddings.position.weight"]
+        for i in range(cfg.num_layers):
+            src, dst = f"transformer.layers.{i}.", f"transformer.h.{i}."
+            for ours, theirs in _GPT_LAYER.items():
+                weight = sd[f"{src}{ours}.weight"]
+                out[f"{dst}{theirs}.weight"] = weight.t() if theirs in _GPT_CONV1D else weight
+                out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel`` state dict -> ours (load with ``load_state_dict``)."""
+    _check_exportable(cfg)
+    sd = {k: v.detach() for k, v in hf_state_dict.items()}
+    out: dict[str, Tensor] = {}
+    if cfg.arch == "bert":
+        out["transformer.embeddings.word.weight"] = _pad(sd["bert.embeddings.word_embeddings.weight"], cfg)
+        for ours, theirs in _BERT_TOP.items():
+            out[ours] = sd[theirs]
+        for i in range(cfg.num_layers):
+            src, dst = f"bert.encoder.layer.{i}.", f"transformer.layers.{i}."
+            for part in ("weight", "bias"):
+                qkv = [sd[f"{src}attention.self.{name}.{part}"] for name in ("query", "key", "value")]
+                out[f"{dst}attn.qkv.{part}"] = torch.cat(qkv, dim=0)
+                for ours, theirs in _BERT_LAYER.items():
+                    out[f"{dst}{ours}.{part}"] = sd[f"{src}{theirs}.{part}"]
+    else:
+        out["transformer.embeddings.word.weight"] = _pad(sd["transformer.tokens_embed.weight"], cfg)
+        out["transformer.embeddings.position.weight"] = sd["transformer.positions_embed.weight"]
+        for i in range(cfg.num_layers):
+            src, dst = f"transformer.h.{i}.", f"transformer.layers.{i}."
+            for ours, theirs in _GPT_LAYER.items():
+                weight = sd[f"{src}{theirs}.weight"]
+                out[f"{dst}{ours}.weight"] = weight.t() if theirs in _GPT_CONV1D else weight
+                out[f"{dst}{ours}.bias"] = sd[f"{src}{theirs}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_hf_config(cfg: ModelConfig, **extra: Any):
+    """A ``transformers.BertConfig`` / ``OpenAIGPTConfig`` describing ``cfg`` (``extra`` is passed through)."""
+    _check_exportable(cfg)
+    if cfg.arch == "bert":
+        from transformers import BertConfig
+
+        return BertConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            hidden_act=_BERT_ACT[cfg.activation],
+            hidden_dropout_prob=cfg.hidden_dropout,
+            attention_probs_dropout_prob=cfg.attention_dropout,
+            max_position_embeddings=cfg.max_position_embeddings,
+            type_vocab_size=cfg.type_vocab_size,
+            initializer_range=cfg.initializer_range,
+            layer_norm_eps=cfg.layer_norm_eps,
+            pad_token_id=0,  # pipeline.tokenizer.special: [PAD] is always id 0
+            **extra,
+        )
+    from transformers import OpenAIGPTConfig
+
+    return OpenAIGPTConfig(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        afn="gelu",  # OpenAIGPT's "gelu" is gelu_new, the tanh approximation GPT-1 used
+        resid_pdrop=cfg.hidden_dropout,
+        embd_pdrop=cfg.hidden_dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        initializer_range=cfg.initializer_range,
+        **extra,
+    )
+
+
+def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
+    """A ``ModelConfig`` from a ``BertConfig`` or ``OpenAIGPTConfig`` (``overrides`` for fields like ``fused``)."""
+    if hf_config.model_type == "bert":
+        if hf_config.hidden_act not in _BERT_ACT_BACK:
+            raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not a GELU this model implements")
+        fields = dict(
+            arch="bert",
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            type_vocab_size=hf_config.type_vocab_size,
+            hidden_dropout=hf_config.hidden_dropout_prob,
+            attention_dropout=hf_config.attention_probs_dropout_prob,
+            layer_norm_eps=hf_config.layer_norm_eps,
+            activation=_BERT_ACT_BACK[hf_config.hidden_act],
+            initializer_range=hf_config.initializer_range,
+        )
+    elif hf_config.model_type == "openai-gpt":
+        if hf_config.afn != "gelu":
+            raise ValueError(f"afn {hf_config.afn!r}: only OpenAIGPT's 'gelu' (tanh approximation) is implemented")
+        fields = dict(
+            arch="gpt",
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.n_embd,
+            num_layers=hf_config.n_layer,
+            num_heads=hf_config.n_head,
+            intermediate_size=4 * hf_config.n_embd,
+            max_position_embeddings=hf_config.n_positions,
+            hidden_dropout=hf_config.resid_pdrop,
+            attention_dropout=hf_config.attn_pdrop,
+            layer_norm_eps=hf_config.layer_norm_epsilon,
+            activation="gelu_tanh",
+            initializer_range=hf_config.initializer_range,
+        )
+    else:
+        raise ValueError(f"unsupported Hugging Face model type {hf_config.model_type!r} (bert or openai-gpt)")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def to_hf_model(model, **config_extra: Any):
+    """A Hugging Face ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel`` holding ``model``'s weights."""
+    from transformers import BertForPreTraining, OpenAIGPTLMHeadModel
+
+    hf_config = to_hf_config(model.cfg, **config_extra)
+    cls = BertForPreTraining if model.cfg.arch == "bert" else OpenAIGPTLMHeadModel
+    hf_model = cls(hf_config)
+    hf_model.load_state_dict(to_hf_state_dict(model.cfg, model.state_dict()), strict=True)
+    return hf_model.eval()
+
+
+def from_hf_model(hf_model, **overrides: Any):
+    """Our model (``build_model``) holding a Hugging Face model's weights."""
+    from pipeline.model.builder import build_model
+
+    cfg = from_hf_config(hf_model.config, **overrides)
+    model = build_model(cfg)
+    model.load_state_dict(from_hf_state_dict(cfg, hf_model.state_dict()), strict=True)
+    return model.eval()
