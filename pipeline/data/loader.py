@@ -179,21 +179,31 @@ class PretrainLoader:
         )
         W = self.workers_per_rank
         index = start_batch
-        for batch, meta in loader:
-            expected_slot = self.rank * W + index % W
-            if (meta.epoch, meta.slot, meta.slot_batch) != (epoch, expected_slot, index // W):
-                raise RuntimeError(
-                    f"data loader order broken: rank batch {index} of epoch {epoch} came from slot {meta.slot} batch "
-                    f"{meta.slot_batch} (epoch {meta.epoch}), expected slot {expected_slot} batch {index // W}"
-                )
-            self.stats["read_errors"] += meta.read_errors
-            self.stats["samples_substituted"] += meta.samples_substituted
-            self.last_keys = meta.keys
-            index += 1
-            # The position moves before the batch is handed out: a checkpoint taken after the step that used
-            # it must resume after it.
-            self._epoch, self._batch = (epoch + 1, 0) if index == self.batches_per_epoch else (epoch, index)
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch, meta in batches:
+                expected_slot = self.rank * W + index % W
+                if (meta.epoch, meta.slot, meta.slot_batch) != (epoch, expected_slot, index // W):
+                    raise RuntimeError(
+                        f"data loader order broken: rank batch {index} of epoch {epoch} came from slot {meta.slot} "
+                        f"batch {meta.slot_batch} (epoch {meta.epoch}), expected slot {expected_slot} "
+                        f"batch {index // W}"
+                    )
+                self.stats["read_errors"] += meta.read_errors
+                self.stats["samples_substituted"] += meta.samples_substituted
+                self.last_keys = meta.keys
+                index += 1
+                # The position moves before the batch is handed out: a checkpoint taken after the step that used
+                # it must resume after it.
+                self._epoch, self._batch = (epoch + 1, 0) if index == self.batches_per_epoch else (epoch, index)
+                yield batch
+        finally:
+            # Stop the workers now. The traceback of an error raised in a worker holds the iterator; collected
+            # later in a reference cycle, after its queues, torch would wait 5 s for each worker that never
+            # receives its stop signal.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean-up, absent without workers
+            if shutdown is not None:
+                shutdown()
         if index != self.batches_per_epoch:
             raise RuntimeError(
                 f"epoch {epoch} ended after {index} of {self.batches_per_epoch} batches on rank {self.rank}"

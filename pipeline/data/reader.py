@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import webdataset as wds
 
+from pipeline.data.npy import npy_array
 from pipeline.data.plan import EpochPlan, Segment
 from pipeline.data.shards import Shard
 from pipeline.preprocess.samples import BERT_FIELD, GPT_FIELD, MLM_FIELD
@@ -47,44 +48,6 @@ class CountingHandler:
         if self.errors <= _MAX_LOGGED:
             log.warning("skipping unreadable shard data (%d so far): %s", self.errors, exn)
         return True  # webdataset: continue with what follows
-
-
-# -----------------------------------------------------------------------------------------------------------
-# .npy decoding: np.load costs ~20 us per small array (a BytesIO, header parsing), more than reading the tar
-# member; the header of a given dtype and shape is the same bytes every time, so it is parsed once.
-
-_NPY_MAGIC = b"\x93NUMPY"
-_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
-
-
-def npy_array(data: bytes) -> np.ndarray:
-    """The (read-only) array of an .npy file's bytes; ValueError if they are not a plain .npy array."""
-    if data[:6] != _NPY_MAGIC or len(data) < 10:
-        raise ValueError("not an .npy array")
-    if data[6] == 1:
-        start = 10 + int.from_bytes(data[8:10], "little")
-        header = data[:start]
-    else:
-        start = 12 + int.from_bytes(data[8:12], "little")
-        header = data[:start]
-    parsed = _HEADERS.get(header)
-    if parsed is None:
-        import io
-
-        fh = io.BytesIO(header)
-        fmt = np.lib.format
-        read_header = fmt.read_array_header_1_0 if fmt.read_magic(fh)[0] == 1 else fmt.read_array_header_2_0
-        shape, fortran, dtype = read_header(fh)
-        if dtype.hasobject or (fortran and len(shape) > 1):
-            raise ValueError(f"unsupported .npy array (dtype {dtype}, fortran order {fortran})")
-        parsed = (dtype, shape, int(np.prod(shape)))
-        if len(_HEADERS) < 4096:
-            _HEADERS[header] = parsed
-    dtype, shape, count = parsed
-    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
-
-
-# -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -151,22 +114,27 @@ class SliceReader:
             # samples skipped are never decoded.
             source = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self.handler))
             stream = iter(source)
+            seen = 0
             try:
-                for ordinal, raw in enumerate(stream):
-                    if ordinal < seg.start:
-                        continue
-                    if ordinal >= seg.stop:
+                for raw in stream:
+                    ordinal, seen = seen, seen + 1
+                    if ordinal >= seg.start:
+                        try:
+                            sample = self.decoder(raw)
+                        except Exception as exc:  # any damage in a member's bytes: count it, never crash the job
+                            self.handler(ValueError(f"{exc} @ {url}"))
+                        else:
+                            yield seg.position + ordinal - seg.start, sample
+                    if seen >= seg.stop:
                         break
-                    try:
-                        sample = self.decoder(raw)
-                    except Exception as exc:  # any damage in a member's bytes: count it, never crash the job
-                        self.handler(ValueError(f"{exc} @ {url}"))
-                        continue
-                    yield seg.position + ordinal - seg.start, sample
             finally:
                 close = getattr(stream, "close", None)
                 if close is not None:
                     close()
+            if seen < seg.stop:
+                # Python's tarfile ends a stream cut at a member boundary without an error: the count is the check.
+                shard = self.shards[seg.shard]
+                self.handler(ShardReadError(f"{url} ended after {seen} of the {shard.num_samples} samples listed"))
 
     def windows(self, plan: EpochPlan, slot: int, first_window: int) -> Iterator[tuple[int, list[Sample]]]:
         """(window index, its samples in position order) from ``first_window`` to the slot's last window.
