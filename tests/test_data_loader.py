@@ -258,3 +258,27 @@ def test_masks_differ_between_epochs_for_the_same_sample(bert_shards):
                 labels_by_key[epoch][key] = tuple(np.flatnonzero(batch["mlm_labels"][row].numpy() != IGNORE_INDEX))
     common = set(labels_by_key[0]) & set(labels_by_key[1])
     assert common and sum(labels_by_key[0][k] != labels_by_key[1][k] for k in common) > 0.9 * len(common)
+
+
+def test_whole_word_masking_through_the_loader(bert_shards, small_tokenizer):
+    for tokenizer in (small_tokenizer, None):  # None: the manifest's tokenizer path is used
+        loader = PretrainLoader(
+            DataConfig(shards=str(bert_shards), num_workers=0, whole_word_mask=True),
+            micro_batch_size=32,
+            tokenizer=tokenizer,
+        )
+        batch = next(iter(loader.iterate(0)))
+        counts = (batch["mlm_labels"] != IGNORE_INDEX).sum(1)
+        assert counts.min() > 0 and counts.max() <= 20
+
+
+def test_worker_side_is_picklable_for_spawn_start_methods(bert_shards):
+    # Python 3.14 starts DataLoader workers with forkserver, which pickles the dataset.
+    import pickle
+
+    from pipeline.data.dataset import RankEpoch
+
+    dataset = RankEpoch(make_loader(bert_shards, num_workers=0, whole_word_mask=True).epoch_spec(1, 3))
+    clone = pickle.loads(pickle.dumps(dataset))
+    first, again = next(iter(clone))[0], next(iter(dataset))[0]
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -83,6 +83,24 @@ class RankEpoch(IterableDataset):
         yield from slot_batches(spec, plan, slot, batches_consumed_by_worker(spec.start_batch, logical, num_workers))
 
 
+def pack(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The batch's tensors as views of one int64 buffer.
+
+    A worker sends each tensor storage through its own shared-memory segment and file descriptor; one storage
+    for the whole batch cut the training process's cost of receiving a batch about threefold (~900 -> ~300 us
+    for a BERT batch of 64 x 128).
+    """
+    buffer = torch.empty(sum(a.size for a in arrays.values()), dtype=torch.int64)
+    flat = buffer.numpy()
+    out, offset = {}, 0
+    for name, a in arrays.items():
+        assert a.dtype == np.int64, (name, a.dtype)
+        flat[offset : offset + a.size] = a.ravel()
+        out[name] = buffer[offset : offset + a.size].view(a.shape)
+        offset += a.size
+    return out
+
+
 def slot_batches(
     spec: EpochSpec, plan: EpochPlan, slot: int, first_batch: int
 ) -> Iterator[tuple[dict[str, torch.Tensor], BatchMeta]]:
@@ -110,7 +128,7 @@ def slot_batches(
                 keys=[s.key for s in chunk] if spec.with_keys else None,
             )
             errors_seen, substituted_seen = reader.handler.errors, reader.substituted
-            yield {name: torch.from_numpy(a) for name, a in arrays.items()}, meta
+            yield pack(arrays), meta
             batch_index += 1
         pending = queue[full:]
     assert not pending and batch_index == plan.batches_per_slot, (len(pending), batch_index, plan.batches_per_slot)

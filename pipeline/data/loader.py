@@ -152,21 +152,7 @@ class PretrainLoader:
                 self.samples_dropped_per_epoch,
                 len(self.shard_set.bad),
             )
-        spec = EpochSpec(
-            shards=self.shard_set.shards,
-            epoch=epoch,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            workers_per_rank=self.workers_per_rank,
-            micro_batch_size=self.micro_batch_size,
-            shuffle_window=self.cfg.shuffle_window,
-            start_batch=start_batch,
-            decoder=self.decoder,
-            collate=self.collate,
-            fail_on_bad_shard=self.cfg.on_bad_shard == "fail",
-            with_keys=self.with_keys,
-        )
+        spec = self.epoch_spec(epoch, start_batch)
         workers = self.cfg.num_workers
         # A new DataLoader per epoch: its workers are told the epoch and start position when they fork; persistent
         # workers would keep the first epoch's copy of the dataset.
@@ -209,6 +195,24 @@ class PretrainLoader:
                 f"epoch {epoch} ended after {index} of {self.batches_per_epoch} batches on rank {self.rank}"
             )
 
+    def epoch_spec(self, epoch: int, start_batch: int = 0) -> EpochSpec:
+        """What this rank's workers are given for ``epoch`` (picklable)."""
+        return EpochSpec(
+            shards=self.shard_set.shards,
+            epoch=epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            workers_per_rank=self.workers_per_rank,
+            micro_batch_size=self.micro_batch_size,
+            shuffle_window=self.cfg.shuffle_window,
+            start_batch=start_batch,
+            decoder=self.decoder,
+            collate=self.collate,
+            fail_on_bad_shard=self.cfg.on_bad_shard == "fail",
+            with_keys=self.with_keys,
+        )
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Endless: from the current position, epoch after epoch."""
         while True:
@@ -232,7 +236,11 @@ class PretrainLoader:
         }
 
     def state_dict(self) -> dict:
-        """The rank's position: store it per rank (DeepSpeed's client_state is saved by rank 0 only)."""
+        """The position: the next batch's epoch and index, and the layout it refers to.
+
+        Every rank consumes the same number of batches, so the position is the same on every rank; storing
+        rank 0's (DeepSpeed's client_state) is enough, and a per-rank copy does no harm.
+        """
         return {"epoch": self._epoch, "batch": self._batch, "layout": self.layout()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
