@@ -2,12 +2,28 @@
 
 The trainer needs :class:`PretrainLoader` (and :class:`DataConfig` for its ``data`` section); the other
 modules are its parts: ``shards`` (manifest, start-up check, tokenizer check), ``plan`` (the partition of an
-epoch over ranks and workers), ``reader`` (tar reading, decoding, bad data), ``masking``, ``collate``,
-``dataset`` (the worker side).
+epoch over ranks and workers), ``reader`` (tar reading, decoding, bad data), ``npy``, ``masking``,
+``collate``, ``dataset`` (the worker side).
+
+Only the config is imported eagerly: a command's ``--help`` that builds its parser from ``DataConfig`` should
+not pay for importing torch and webdataset.
 """
 
-from pipeline.data.config import DataConfig
-from pipeline.data.loader import PretrainLoader
-from pipeline.data.shards import ShardSet, check_tokenizer, open_shard_set
+from importlib import import_module
 
-__all__ = ["DataConfig", "PretrainLoader", "ShardSet", "check_tokenizer", "open_shard_set"]
+from pipeline.data.config import DataConfig
+
+_LAZY = {
+    "PretrainLoader": "pipeline.data.loader",
+    "ShardSet": "pipeline.data.shards",
+    "check_tokenizer": "pipeline.data.shards",
+    "open_shard_set": "pipeline.data.shards",
+}
+
+__all__ = ["DataConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
