@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("pipeline.preprocess.command", "turn raw documents into WebDataset shards of BERT pairs or GPT blocks"),
     "merge": ("pipeline.preprocess.merge", "join the parts of a multi-task sharding run into one manifest"),
     "inspect": ("pipeline.preprocess.inspect", "summarise, verify and decode a shard directory"),
+    "train": ("pipeline.train.command", "pre-train BERT (MLM + NSP) or GPT-1 (causal LM) with DeepSpeed ZeRO"),
 }
 
 

@@ -162,6 +162,9 @@ class PretrainLoader:
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             pin_memory=self.pin_memory,
+            # Its own generator: starting workers must not draw from the global torch RNG, or a resumed run's
+            # dropout stream would differ from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         W = self.workers_per_rank
         index = start_batch

@@ -1,0 +1,201 @@
+"""Everything DeepSpeed: process group, optimizer choice, the engine's JSON config, initialisation.
+
+The model never sees any of this; it is built as a plain ``nn.Module`` and handed to ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.train.config import OptimConfig, TrainConfig
+from pipeline.train.lamb import Lamb, zero_partition_layouts
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_SUFFIXES = ("bias",)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun/deepspeed/srun set up, or make a one-process group."""
+    if "RANK" not in os.environ:  # a plain `python -m pipeline train`
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and LayerNorm (all 1-D tensors) get no weight decay, as in BERT and GPT-1."""
+    return param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Decay / no-decay groups, optionally split further by a per-module lr multiplier.
+
+    ``lr_scale`` maps a parameter-name prefix to a multiplier of the peak lr (fine-tuning: a smaller rate for
+    the pre-trained body than for the new head); the first matching prefix wins, the default is 1.
+    """
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        for prefix, s in (lr_scale or {}).items():
+            if name.startswith(prefix):
+                scale = s
+                break
+        no_decay = is_no_decay(name, p)
+        key = (scale, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
+
+
+class NonFiniteGuard(torch.optim.Optimizer):
+    """Skips a step whose gradients hold NaN/inf.
+
+    DeepSpeed's ZeRO and mixed-precision wrappers already do this; plain fp32 at ZeRO stage 0 calls the
+    optimizer directly, where one NaN would poison every weight.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer):
+        self.inner = inner
+        self.skipped = 0
+        self.last_skipped = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.inner.param_groups for p in g["params"] if p.grad is not None]
+        finite = all(torch.isfinite(n) for n in torch._foreach_norm(grads)) if grads else True
+        self.last_skipped = not finite
+        if not finite:
+            self.skipped += 1
+            return None
+        return self.inner.step(closure)
+
+
+def build_optimizer(groups: list[dict], optim: OptimConfig, train: TrainConfig, device: torch.device):
+    """The client optimizer handed to DeepSpeed (always ours, so the choice is explicit and testable).
+
+    - AdamW: DeepSpeed's FusedAdam on GPU; ``torch.optim.AdamW`` on CPU (DeepSpeed's CPU build of FusedAdam is a
+      JIT-compiled C++ op that costs ~40 s at start-up for no gain at our sizes).
+    - LAMB: DeepSpeed's FusedLamb on GPU where its per-tensor norms are right (no ZeRO partitioning, i.e. stage 0
+      without bf16); otherwise this project's ``Lamb``, which handles ZeRO's flat partitions.
+    """
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
+    cuda = device.type == "cuda"
+    use_ds = optim.fused in ("auto", "deepspeed") and cuda
+    if optim.name == "adamw":
+        if use_ds:
+            from deepspeed.ops.adam import FusedAdam
+
+            opt = FusedAdam(groups, adam_w_mode=True, weight_decay=optim.weight_decay, **kwargs)
+        else:
+            opt = torch.optim.AdamW(groups, weight_decay=optim.weight_decay, **kwargs)
+    else:
+        flat = train.zero_stage >= 1 or train.precision == "bf16"
+        if optim.fused == "deepspeed" and (not cuda or flat):
+            raise UserError(
+                "optim.fused=deepspeed: DeepSpeed's FusedLamb needs a GPU and computes trust ratios over ZeRO's "
+                "flattened partitions (stage >= 1 or bf16), which changes the LAMB recipe; use optim.fused=auto"
+            )
+        if use_ds and not flat:
+            from deepspeed.ops.lamb import FusedLamb
+
+            opt = FusedLamb(groups, weight_decay=optim.weight_decay, max_coeff=optim.max_trust_ratio, **kwargs)
+        else:
+            opt = Lamb(groups, weight_decay=optim.weight_decay, max_trust_ratio=optim.max_trust_ratio, **kwargs)
+    if train.zero_stage == 0 and train.precision == "fp32":
+        return NonFiniteGuard(opt)
+    return opt
+
+
+def deepspeed_config(path: str, train: TrainConfig, world_size: int, load_universal: bool) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"deepspeed.config: {path} not found (see configs/deepspeed/)")
+    cfg = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
+    accumulation = train.global_batch_size // (train.micro_batch_size * world_size)
+    cfg["train_batch_size"] = train.global_batch_size
+    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    cfg["gradient_accumulation_steps"] = accumulation
+    cfg["gradient_clipping"] = train.grad_clip
+    cfg.setdefault("zero_optimization", {})["stage"] = train.zero_stage
+    fp16 = cfg.get("fp16", {})
+    cfg["fp16"] = {**fp16, "enabled": train.precision == "fp16"}
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": train.precision == "bf16"}
+    cfg["zero_allow_untested_optimizer"] = True  # our LAMB / torch AdamW as client optimizers
+    cfg.setdefault("steps_per_print", 10**9)
+    if load_universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def initialize(model: nn.Module, optimizer, ds_config: dict):
+    import deepspeed
+
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    inner = getattr(ds_optimizer, "optimizer", None)
+    if isinstance(inner, Lamb) and hasattr(ds_optimizer, "round_robin_bit16_groups"):
+        for index, layout in zero_partition_layouts(ds_optimizer).items():
+            inner.set_partition_layout(index, layout)
+    elif isinstance(inner, Lamb) and ds_config["zero_optimization"]["stage"] >= 1:
+        raise UserError("LAMB with ZeRO stage 3 is not supported (its partition layout differs); use stage 1 or 2")
+    elif isinstance(inner, Lamb) and not isinstance(getattr(inner, "param_groups", None), list):
+        raise AssertionError("unexpected optimizer wrapping")
+    if ds_config["bf16"]["enabled"] and ds_config["zero_optimization"]["stage"] == 0 and isinstance(inner, Lamb):
+        raise UserError("LAMB with bf16 needs ZeRO stage 1 or 2 (DeepSpeed's bf16 optimizer flattens parameters)")
+    return engine, ds_optimizer

@@ -1,0 +1,96 @@
+"""Pre-training as a ``Task`` of the shared loop: BERT (masked LM + next sentence) or GPT (causal LM)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.data.loader import PretrainLoader
+from pipeline.data.shards import ShardSet
+from pipeline.errors import UserError
+from pipeline.model.builder import build_model
+from pipeline.model.config import ModelConfig
+from pipeline.model.flops import flops_per_token
+from pipeline.train.loop import StepOutput
+
+
+class PretrainTask:
+    def __init__(self, model_cfg: ModelConfig, loader: PretrainLoader, shard_set: ShardSet, device: torch.device):
+        self.model_cfg = model_cfg
+        self.loader = loader
+        self.shard_set = shard_set
+        self.device = device
+        self.objective = model_cfg.arch
+        self.name = f"pretrain-{self.objective}"
+        self.batches_per_epoch = loader.batches_per_epoch
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.model_cfg)
+
+    def lr_scale(self) -> dict[str, float] | None:
+        return None
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        yield from self.loader.iterate(epoch, start_batch)
+
+    def forward(self, model: nn.Module, batch: dict) -> StepOutput:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        tokens = int(batch["attention_mask"].sum())
+        if self.objective == "bert":
+            out = model(
+                batch["input_ids"],
+                token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"],
+                mlm_labels=batch["mlm_labels"],
+                nsp_labels=batch["nsp_labels"],
+            )
+            sums = {
+                "mlm_loss_sum": out.mlm_loss.detach() * out.mlm_count,
+                "mlm_correct": out.mlm_correct,
+                "mlm_count": out.mlm_count,
+                "nsp_loss_sum": out.nsp_loss.detach() * out.nsp_count,
+                "nsp_correct": out.nsp_correct,
+                "nsp_count": out.nsp_count,
+            }
+        else:
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            sums = {"lm_loss_sum": out.loss.detach() * out.count, "lm_correct": out.correct, "lm_count": out.count}
+        return StepOutput(loss=out.loss, sums=sums, tokens=tokens)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        def ratio(a: str, b: str) -> float | None:
+            return sums[a] / sums[b] if sums.get(b) else None
+
+        if self.objective == "bert":
+            return {
+                "mlm_loss": ratio("mlm_loss_sum", "mlm_count"),
+                "mlm_acc": ratio("mlm_correct", "mlm_count"),
+                "nsp_loss": ratio("nsp_loss_sum", "nsp_count"),
+                "nsp_acc": ratio("nsp_correct", "nsp_count"),
+            }
+        return {"lm_loss": ratio("lm_loss_sum", "lm_count"), "lm_acc": ratio("lm_correct", "lm_count")}
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.model_cfg, self.loader.seq_len, mlm_fraction=self.loader.cfg.mask_prob)
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float] | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"artifacts": [str(Path(self.shard_set.directory) / "manifest.json")]}
+
+
+def model_config_for_shards(model_cfg: ModelConfig, shard_set: ShardSet) -> ModelConfig:
+    """The model config with the tokenizer's vocabulary, checked against what the shards hold."""
+    if model_cfg.arch != shard_set.objective:
+        raise UserError(f"model.arch {model_cfg.arch!r} does not match the shards' objective {shard_set.objective!r}")
+    if model_cfg.max_position_embeddings < shard_set.seq_len:
+        raise UserError(
+            f"model.max_position_embeddings {model_cfg.max_position_embeddings} is less than the shards' seq_len "
+            f"{shard_set.seq_len}"
+        )
+    return replace(model_cfg, vocab_size=shard_set.vocab_size)

@@ -1,0 +1,104 @@
+"""MLflow tracking on rank 0: a run that survives restarts, and failures that warn instead of stopping.
+
+Every call goes through ``_safe``: an unreachable server or a full disk logs one warning per kind of call and
+the training continues. The run id is stored in every checkpoint, so a resumed job appends to the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from pipeline.config import flatten
+
+log = logging.getLogger(__name__)
+
+# An unreachable server must cost seconds, not the minutes of MLflow's default retry policy.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+
+
+class Tracker:
+    """A no-op unless ``enabled`` (rank 0 with tracking on)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._warned: set[str] = set()
+        self._mlflow = None
+
+    def _safe(self, what: str, fn, *args, **kwargs):
+        if not self.enabled or self._mlflow is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never stop training
+            if what not in self._warned:
+                self._warned.add(what)
+                log.warning("MLflow %s failed (%s: %s); training continues", what, type(exc).__name__, exc)
+            return None
+
+    def start(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        run_id: str | None,
+        artifact_dir: Path,
+        system_metrics: bool,
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
+        if not self.enabled:
+            return None
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is None:
+                location = None if tracking_uri.startswith("http") else artifact_dir.resolve().as_uri()
+                exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            run = mlflow.start_run(
+                run_id=run_id,
+                experiment_id=None if run_id else exp_id,
+                run_name=None if run_id else run_name,
+                log_system_metrics=system_metrics,
+            )
+            self._mlflow = mlflow
+            self.run_id = run.info.run_id
+            if tags:
+                self._safe("set_tags", mlflow.set_tags, tags)
+            log.info("MLflow run %s (%s) at %s", self.run_id, "resumed" if run_id else "new", tracking_uri)
+        except Exception as exc:
+            log.warning("MLflow unavailable (%s: %s); training continues without tracking", type(exc).__name__, exc)
+            self._mlflow = None
+        return self.run_id
+
+    def log_params(self, config: dict) -> None:
+        if self._mlflow is None:
+            return
+        params = {k: str(v)[:500] for k, v in flatten(config).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            self._safe("log_params", self._mlflow.log_params, dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self._mlflow is not None:
+            clean = {k: float(v) for k, v in metrics.items() if v is not None}
+            self._safe("log_metrics", self._mlflow.log_metrics, clean, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None:
+            self._safe("log_artifact", self._mlflow.log_artifact, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._mlflow is not None:
+            self._safe("set_tags", self._mlflow.set_tags, tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._mlflow is not None:
+            self._safe("end_run", self._mlflow.end_run, status=status)
+            self._mlflow = None
