@@ -88,6 +88,8 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
     path = Path(spec)
     if (path / MARK).is_file():
         return path
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
     tags = published_tags(path)
     if not tags:
         from pipeline.errors import UserError

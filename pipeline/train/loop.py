@@ -279,12 +279,14 @@ def run_training(
                         state.skipped_overflow += 1
                 # Global sums for this step: the exact per-step loss (logs, resume checks) and throughput.
                 totals = _all_reduce_sum([step_loss_sum, step_micro, step_tokens, step_samples], device)
-                step_loss = totals[0] / max(totals[1], 1)
+                step_loss = totals[0] / max(totals[1], 1) if not nonfinite else float("nan")
                 state.tokens += int(totals[2])
                 state.samples += int(totals[3])
                 step_loss_sum, step_micro, step_tokens, step_samples = 0.0, 0, 0, 0
                 now = time.time()
                 record = {"step": state.step, "loss": step_loss, "lr": lr, "epoch": state.epoch}
+                if nonfinite or not applied:
+                    record["update_skipped"] = "nonfinite_loss" if nonfinite else "overflow"
                 if state.step % train.log_every == 0 or state.step >= train.max_steps:
                     keys = sorted(log_sums)
                     sums = dict(zip(keys, _all_reduce_sum([log_sums[k] for k in keys], device), strict=True))
@@ -305,7 +307,7 @@ def run_training(
                         record["mfu"] = flops * record["tokens_per_s"] / (peak * world)
                     tracker.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))}, state.step)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
-                    if rank == 0 and not bar.disable and not bar.fp.isatty():
+                    if rank == 0 and (bar.disable or not bar.fp.isatty()):  # a log file gets lines, a terminal a bar
                         log.info("step %d/%d loss %.4f lr %.3g tokens/s %.3g", state.step, train.max_steps,
                                  step_loss, lr, record["tokens_per_s"])  # fmt: skip
                     log_sums = {}

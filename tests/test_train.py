@@ -1,0 +1,148 @@
+"""Pre-training on one process (CPU, gloo): outputs, golden loss curve, exact resume, MLflow, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+from train_helpers import build_shards, kill_group, losses, start_train, train_args, wait_for
+
+GOLDEN = REPO / "tests" / "golden" / "debug_bert_losses.json"
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def bert_shards(tmp_path_factory, small_tokenizer):
+    return build_shards(tmp_path_factory.mktemp("shards") / "bert", small_tokenizer, "bert")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, bert_shards):
+    """The debug preset for 16 steps, uninterrupted, checkpointing every 4 steps."""
+    out = tmp_path_factory.mktemp("run") / "ref"
+    proc = run_cli(*train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "4"))
+    return out, proc
+
+
+def test_run_writes_checkpoints_metrics_plot_and_mlflow(reference_run):
+    out, proc = reference_run
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == STEPS and summary["samples"] == 16 * STEPS
+    ckpts = out / "checkpoints"
+    published = sorted(p.name for p in ckpts.iterdir() if (p / "checkpoint.json").exists())
+    assert published == ["step_00000012", "step_00000016"]  # keep_last 2
+    assert (ckpts / "latest").read_text() == "step_00000016"
+    mark = json.loads((ckpts / "step_00000016" / "checkpoint.json").read_text())
+    assert mark["world_size"] == 1 and mark["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert {"mp_rank_00_model_states.pt", "rank_00000_state.pt"} <= set(mark["files"])
+    per_step = losses(out)
+    assert sorted(per_step) == list(range(1, STEPS + 1))
+    assert sum(list(per_step.values())[-4:]) / 4 < per_step[1] - 0.05  # the loss falls
+    assert (out / "loss_curve.png").stat().st_size > 5000 and (out / "config.yaml").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == str(STEPS) and run.data.params["model.arch"] == "bert"
+    assert {"world_size", "git_commit", "torch", "deepspeed"} <= run.data.tags.keys()
+    for metric in ("loss", "mlm_loss", "nsp_acc", "lr", "grad_norm", "tokens_per_s", "samples_per_s"):
+        assert metric in run.data.metrics, metric
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 16]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "manifest.json", "metrics.jsonl", "loss_curve.png"} <= artifacts
+
+
+def test_golden_loss_curve(reference_run):
+    """The debug preset's first steps, bit for bit up to float noise: refactors must not change training."""
+    out, _ = reference_run
+    got = losses(out)
+    if os.environ.get("PIPELINE_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
+    golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
+    assert list(golden) == list(got)
+    for step, value in golden.items():
+        assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-5), step
+
+
+def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "killed"
+    args = train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "4")
+    proc = start_train(args, tmp_path / "first.log")
+    wait_for(out / "checkpoints" / "step_00000008" / "checkpoint.json", proc)
+    kill_group(proc)
+    before = losses(out)
+    assert 8 <= max(before) < STEPS, "the run must have been killed part-way"
+    first_run_id = json.loads((out / "checkpoints" / "step_00000008" / "checkpoint.json").read_text())["mlflow_run_id"]
+    resumed = run_cli(*args)
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["step"] == STEPS
+    assert losses(out) == losses(ref)  # exact, not approximate: same data, masks, dropout and optimizer state
+    assert summary["mlflow_run_id"] == first_run_id  # the same MLflow run continues
+
+
+def test_configs_that_cannot_work_fail_before_training(bert_shards, small_tokenizer, tmp_path):
+    cases = [
+        (["--train.global_batch_size", "20", "--train.micro_batch_size", "8"], "not divisible"),
+        (["--train.precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--model.arch", "gpt"], "does not match the shards' objective"),
+        (["--tokenizer", str(tmp_path / "other-tok")], "not a tokenizer directory"),
+        (["--optim.name", "lamb", "--train.zero_stage", "3"], "LAMB with ZeRO stage 3"),
+    ]
+    for extra, message in cases:
+        proc = run_cli(*train_args(bert_shards, tmp_path / "never", *extra), check=False)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert message in proc.stderr, (message, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "never" / "checkpoints").exists()
+
+
+def test_tokenizer_that_differs_from_the_shards_is_refused(bert_shards, tmp_path):
+    other = tmp_path / "tok2"
+    run_cli("tokenizer", "--input", str(REPO / "data_shards/demo_corpus/sotu_1900-2021.jsonl.gz"),
+            "--vocab-size", "1000", "--output", str(other))  # fmt: skip
+    proc = run_cli(*train_args(bert_shards, tmp_path / "never", "--tokenizer", str(other)), check=False)
+    assert proc.returncode == 2 and "sha256" in proc.stderr
+
+
+def test_unreachable_tracking_server_warns_and_training_continues(bert_shards, tmp_path):
+    out = tmp_path / "notrack"
+    proc = run_cli(*train_args(bert_shards, out, "--train.max_steps", "2", "--tracking-uri", "http://127.0.0.1:9"))
+    assert "MLflow" in proc.stderr and "training continues" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 2
+
+
+def test_gpt_pretraining(tmp_path, small_tokenizer):
+    shards = build_shards(tmp_path / "gpt", small_tokenizer, "gpt")
+    out = tmp_path / "run"
+    run_cli(*train_args(shards, out, "--train.max_steps", "6", "--train.log_every", "3",
+                        config="configs/pretrain/debug-gpt.yaml"))  # fmt: skip
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert "lm_loss" in records[2] and 0 <= records[2]["lm_acc"] <= 1
+
+
+def test_nonfinite_losses_skip_steps_then_stop(bert_shards, tmp_path):
+    """A task whose loss turns NaN: those steps are skipped (weights unchanged), and M in a row stop the run."""
+    script = Path(__file__).parent / "scripts" / "nan_run.py"
+    proc = run_cli_script(script, str(bert_shards), str(tmp_path / "nan"))
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["skipped_steps"] == [3, 4] and report["skipped_nonfinite"] == 2
+    assert report["unchanged_when_skipped"] and report["changed_otherwise"]
+    assert "consecutive steps with a NaN/inf loss" in report["stop_error"]
+
+
+def run_cli_script(script: Path, *args: str):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PIPELINE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
