@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pipeline.config import ConfigError
@@ -70,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except (ConfigError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # In multi-process jobs, native threads of the gloo/NCCL stack sometimes abort the interpreter's
+        # shutdown after all work is done ("terminate called without an active exception"), turning a finished
+        # job into a failed one. Everything is written and closed by now: leave without static destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code

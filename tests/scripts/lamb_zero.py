@@ -83,3 +83,6 @@ for mode in (True, False):
 if rank == 0:
     print(json.dumps(diffs), flush=True)
 dist.destroy_process_group()
+# Native threads of the gloo stack sometimes abort the interpreter's shutdown ("terminate called without an
+# active exception", SIGABRT) after all the work is done; leave without running static destructors.
+os._exit(0)
