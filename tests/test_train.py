@@ -146,3 +146,45 @@ def run_cli_script(script: Path, *args: str):
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def test_phase_two_starts_from_phase_one_weights_with_a_fresh_schedule(reference_run, small_tokenizer, tmp_path):
+    """BERT's recipe: phase 2 (longer sequences) loads phase 1's weights, not its optimizer or step count."""
+    phase1, _ = reference_run
+    shards_128 = build_shards(tmp_path / "bert128", small_tokenizer, "bert", seq_len=128)
+    common = ["--train.max_steps", "3", "--tracking.enabled", "false", "--data.max_predictions_per_seq", "20"]
+    warm = tmp_path / "phase2"
+    run_cli(*train_args(shards_128, warm, *common, "--train.init_from", str(phase1)))
+    cold = tmp_path / "scratch"
+    run_cli(*train_args(shards_128, cold, *common))
+    warm_records = [json.loads(line) for line in (warm / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in warm_records] == [1, 2, 3]  # a fresh step count
+    cold_records = [json.loads(line) for line in (cold / "metrics.jsonl").read_text().splitlines()]
+    assert warm_records[0]["lr"] == cold_records[0]["lr"]  # a fresh schedule (warmup restarts)
+    assert warm_records[0]["loss"] < cold_records[0]["loss"] - 0.05  # but trained weights
+
+
+def test_activation_checkpointing_gives_the_same_losses(bert_shards, tmp_path):
+    common = ["--train.max_steps", "3", "--tracking.enabled", "false", "--checkpoint.every_steps", "0"]
+    run_cli(*train_args(bert_shards, tmp_path / "plain", *common))
+    run_cli(*train_args(bert_shards, tmp_path / "ckpt", *common, "--model.activation_checkpointing", "true"))
+    plain, recomputed = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    for step in plain:
+        assert recomputed[step] == pytest.approx(plain[step], rel=1e-6)
+
+
+def test_an_unpublished_checkpoint_is_ignored_and_cleaned_up(reference_run, bert_shards, tmp_path):
+    """What a crash during a save leaves (a tag without checkpoint.json, `latest` not moved) is never loaded."""
+    import shutil
+
+    src, _ = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    debris = out / "checkpoints" / "step_00000020"
+    debris.mkdir()
+    (debris / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    args = train_args(bert_shards, out, "--train.max_steps", "18", "--checkpoint.every_steps", "4",
+                      "--tracking.enabled", "false")  # fmt: skip
+    summary = json.loads(run_cli(*args).stdout.strip().splitlines()[-1])
+    assert summary["step"] == 18 and summary["samples"] == 18 * 16  # continued step 16's state, not the debris
+    assert not debris.exists()
