@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from pipeline.config import flatten
@@ -22,18 +23,24 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 class Tracker:
     """A no-op unless ``enabled`` (rank 0 with tracking on)."""
 
+    BACKOFF_S = 60.0  # after a failure, calls are skipped for this long: a hung server costs one timeout a minute
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.run_id: str | None = None
         self._warned: set[str] = set()
         self._mlflow = None
+        self._suspended_until = 0.0
+        self.failures = 0
 
     def _safe(self, what: str, fn, *args, **kwargs):
-        if not self.enabled or self._mlflow is None:
+        if not self.enabled or self._mlflow is None or time.monotonic() < self._suspended_until:
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # tracking must never stop training
+            self.failures += 1
+            self._suspended_until = time.monotonic() + self.BACKOFF_S
             if what not in self._warned:
                 self._warned.add(what)
                 log.warning("MLflow %s failed (%s: %s); training continues", what, type(exc).__name__, exc)
