@@ -33,8 +33,10 @@ class Tracker:
         self._suspended_until = 0.0
         self.failures = 0
 
-    def _safe(self, what: str, fn, *args, **kwargs):
-        if not self.enabled or self._mlflow is None or time.monotonic() < self._suspended_until:
+    def _safe(self, what: str, fn, *args, force: bool = False, **kwargs):
+        if not self.enabled or self._mlflow is None:
+            return None
+        if not force and time.monotonic() < self._suspended_until:
             return None
         try:
             return fn(*args, **kwargs)
@@ -107,5 +109,5 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         if self._mlflow is not None:
-            self._safe("end_run", self._mlflow.end_run, status=status)
+            self._safe("end_run", self._mlflow.end_run, status=status, force=True)  # always try to close the run
             self._mlflow = None
