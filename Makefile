@@ -11,7 +11,7 @@ DEMO_DIR ?= data_shards/demo
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow test-all lint format bench venv clean-demo
+.PHONY: demo demo-data demo-pretrain test test-slow test-all lint format bench venv clean-demo
 
 venv: $(STAMP)
 
@@ -24,13 +24,21 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
-demo: $(STAMP)
-	$(PY) -m pipeline tokenizer --config configs/tokenizer/demo.yaml --output $(DEMO_DIR)/tokenizer
+demo: demo-data demo-pretrain
+	@echo "demo done: shards in $(DEMO_DIR), pre-training run in runs/demo-pretrain (loss_curve.png, checkpoints/)"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo-pretrain/mlflow.db"
+
+demo-data: $(STAMP)
+	$(PY) -m pipeline tokenizer --config configs/tokenizer/demo.yaml --output $(DEMO_DIR)/tokenizer --overwrite
 	$(PY) -m pipeline shard --config configs/preprocess/demo-bert.yaml --tokenizer $(DEMO_DIR)/tokenizer --output $(DEMO_DIR)/shards-bert-128 --workers 2
 	$(PY) -m pipeline shard --config configs/preprocess/demo-gpt.yaml --tokenizer $(DEMO_DIR)/tokenizer --output $(DEMO_DIR)/shards-gpt-128 --workers 2
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --verify --plot $(DEMO_DIR)/shards-bert-128/lengths.png
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-gpt-128 --verify
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --decode 2 --json
+
+# A small BERT for a few minutes on CPU; re-running continues from its last checkpoint (--resume auto).
+demo-pretrain: $(STAMP)
+	$(PY) -m pipeline train --config configs/pretrain/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -53,6 +61,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/train_step.py
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) runs/demo-pretrain
