@@ -12,11 +12,17 @@ from train_helpers import build_shards, losses, start_train, train_args
 pytestmark = pytest.mark.slow
 
 # No dropout, so that ranks and processes draw the same computation whatever their RNG streams.
-COMMON = [
-    "--model.hidden_dropout", "0", "--model.attention_dropout", "0",
-    "--train.zero_stage", "2", "--deepspeed.config", "configs/deepspeed/zero2.json", "--tracking.enabled", "false",
+BASE = [
+    "--model.hidden_dropout", "0", "--model.attention_dropout", "0", "--tracking.enabled", "false",
     "--train.micro_batch_size", "8", "--train.global_batch_size", "16", "--checkpoint.every_steps", "3",
 ]  # fmt: skip
+
+
+def zero(stage: int, config: str = "") -> list[str]:
+    return ["--train.zero_stage", str(stage), "--deepspeed.config", config or f"configs/deepspeed/zero{stage}.json"]
+
+
+COMMON = [*BASE, *zero(2)]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +71,16 @@ def test_resume_on_another_world_size_keeps_the_data_position(shards, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=2e-4), (step, a[step], b[step])
     summary = json.loads((tmp_path / "fewer.log").read_text().strip().splitlines()[-1])
     assert summary["step"] == 10 and summary["samples"] == 160
+
+
+def test_zero3_with_every_parameter_partitioned_matches_zero1(shards, tmp_path):
+    """ZeRO-3 gathers the weights that fused kernels and the tied MLM decoder read directly: same losses."""
+    common = [*BASE, "--optim.name", "adamw", "--train.max_steps", "4", "--data.num_workers", "1"]
+    z1, z3 = tmp_path / "z1", tmp_path / "z3"
+    run(train_args(shards, z1, *common, *zero(1)), tmp_path / "z1.log", 2)
+    everything = "tests/configs/zero3-partition-everything.json"
+    run(train_args(shards, z3, *common, *zero(3, everything)), tmp_path / "z3.log", 2)
+    a, b = losses(z1), losses(z3)
+    assert sorted(a) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
