@@ -144,8 +144,10 @@ def test_pretrain_sbatch_runs_one_torchrun_per_node_with_ranks_from_the_allocati
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (slurm-client) expands node lists")
 def test_pretrain_sbatch_rendezvous_at_the_first_of_several_nodes():
-    srun, node = pretrain_dry_run(slurm_env(SLURM_JOB_NODELIST="gpu[03-04,09]", SLURM_JOB_NUM_NODES="3"))
+    env = slurm_env(SLURM_JOB_NODELIST="gpu[03-04,09]", SLURM_JOB_NUM_NODES="3", SLURM_JOB_CPUS_PER_NODE="32(x2),16")
+    srun, node = pretrain_dry_run(env)
     assert "--nodes=3" in srun and "--ntasks=3" in srun
+    assert "--cpus-per-task=16" in srun  # the step must fit on the node with the fewest CPUs
     assert node.nnodes == "3" and node.rdzv_endpoint == "gpu03:24242"
 
 

@@ -55,8 +55,15 @@ node_cmd=(
     --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" --log-dir "$JOB_LOG_DIR"
     -- "$COMMAND" "$CONFIG" "$@"
 )
-# One task per node with all of the node's CPUs (the ranks are torchrun's children, not srun tasks).
-step=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE"
+# One task per node with all of the node's CPUs (the ranks are torchrun's children, not srun tasks): the fewest
+# any node has, from SLURM_JOB_CPUS_PER_NODE ("64(x3),32").
+cpus=$SLURM_CPUS_ON_NODE
+IFS=, read -ra per_node <<<"${SLURM_JOB_CPUS_PER_NODE:-$cpus}"
+for entry in "${per_node[@]}"; do
+    n=${entry%%(*}
+    if ((n < cpus)); then cpus=$n; fi
+done
+step=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus"
     --kill-on-bad-exit=1 "${node_cmd[@]}")
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
@@ -107,8 +114,8 @@ if [[ -n $signal_name && " $REQUEUE_SIGNALS " == *" $signal_name "* ]]; then
         log "srun ended ($rc) after SIG$signal_name: requeueing job $SLURM_JOB_ID; the next start resumes from" \
             "the newest checkpoint"
         trap - USR1 TERM
-        scontrol requeue "$SLURM_JOB_ID" # SLURM ends this script here (SIGTERM)
-        sleep 60
+        scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed (is the job requeueable?)"
+        sleep 60 # SLURM ends this script during the sleep (SIGTERM)
         die "scontrol requeue $SLURM_JOB_ID did not take effect (is the job requeueable? sbatch --requeue)"
     fi
     log "not requeued: the job was already requeued $ATTEMPT times (MAX_REQUEUES=$MAX_REQUEUES)"
