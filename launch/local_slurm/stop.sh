@@ -6,11 +6,11 @@
 set -euo pipefail
 
 stop() {
-    local name=$1 pidfile=$2
-    if [[ -s $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        kill "$(cat "$pidfile")"
+    local name=$1 pid
+    pid=$(cat "$2" 2>/dev/null) || return 0
+    if kill "$pid" 2>/dev/null; then
         for _ in $(seq 50); do
-            kill -0 "$(cat "$pidfile")" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.2
         done
         echo "local_slurm: stopped $name"
