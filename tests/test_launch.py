@@ -119,16 +119,16 @@ def slurm_env(**extra: str) -> dict:
 
 def pretrain_dry_run(env: dict, script: str = "slurm/pretrain.sbatch") -> tuple[list[str], object]:
     out = launch(script, "--dry-run", CONFIG, "--train.max_steps", "7", env=env).stdout.splitlines()
-    srun = shlex.split(next(line for line in out if " srun " in f" {line}"))
+    srun = shlex.split(next(line for line in out if line.startswith("srun ")))
     node = parse_torchrun(torchrun_argv(next(line for line in out if "torch.distributed.run" in line)))
     return srun, node
 
 
 def test_pretrain_sbatch_runs_one_torchrun_per_node_with_ranks_from_the_allocation():
     srun, node = pretrain_dry_run(slurm_env(SLURM_GPUS_ON_NODE="8"))
-    assert "MASTER_ADDR=node07" in srun and "MASTER_PORT=24242" in srun  # 20000 + job id % 10000
-    i = srun.index("srun")
-    assert {"--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=32"} <= set(srun[i:])
+    assert srun[0] == "srun" and srun[6].endswith("launch/torchrun.sh")
+    assert srun[1:6] == ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=1"]
+    # the rendezvous at the first node, port 20000 + job id % 10000, id = the job id
     assert node.nproc_per_node == "8" and node.rdzv_endpoint == "node07:24242" and node.rdzv_id == "4242"
     assert node.rdzv_backend == "c10d" and node.log_dir == "logs/pretrain-4242/node0"
     assert node.training_script_args == ["train", "--config", CONFIG, "--train.max_steps", "7"]

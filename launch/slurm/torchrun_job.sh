@@ -68,7 +68,7 @@ step=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-t
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     echo "# job $SLURM_JOB_ID: $NNODES node(s) (${HOSTS[*]}) x $NPROC ranks; rendezvous $MASTER_ADDR:$MASTER_PORT"
-    echo "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT $(quote "${step[@]}")"
+    quote "${step[@]}"
     echo "# on each node (node rank = SLURM_NODEID):"
     NODE_RANK=0 SLURM_CPUS_ON_NODE=$SLURM_CPUS_ON_NODE "${node_cmd[0]}" --dry-run "${node_cmd[@]:1}"
     echo "# after SIGUSR1/SIGTERM: forward to srun; after SIG${REQUEUE_SIGNALS}: scontrol requeue $SLURM_JOB_ID"
@@ -86,7 +86,6 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-export MASTER_ADDR MASTER_PORT
 mkdir -p "$JOB_LOG_DIR"
 log "job $SLURM_JOB_ID start $((ATTEMPT + 1)) (SLURM_RESTART_COUNT=$ATTEMPT): $NNODES node(s) x $NPROC ranks," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT, per-rank logs in $JOB_LOG_DIR"
