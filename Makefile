@@ -1,4 +1,5 @@
-# Two commands for a new user: `make demo` (the whole pipeline on the bundled corpus) and `make test`.
+# Two commands for a new user: `make demo` (the whole pipeline on the bundled corpus) and `make test`
+# (`make test-slow`: the multi-process, multi-node and SLURM tier; CI runs both).
 # Both bootstrap .venv with pinned dependencies first.
 
 PYTHON ?= python3

@@ -121,7 +121,12 @@ def test_byte_identical_for_any_worker_count(tmp_path, small_tokenizer, bert_dir
 
 
 def test_task_split_then_merge_equals_single_task(tmp_path, small_tokenizer, bert_dir, monkeypatch):
+    # Task 1 is writing a unit (a temporary shard) while task 0 finishes: task 0 must leave it alone.
+    other_task_tmp = tmp_path / ".tmp" / "bert-000001-00000-000.tar"
+    other_task_tmp.parent.mkdir(parents=True)
+    other_task_tmp.write_bytes(b"being written by task 1")
     shard(tmp_path, small_tokenizer, **{"run.num_tasks": 3, "run.task_index": 0})
+    assert other_task_tmp.read_bytes() == b"being written by task 1"
     with pytest.raises(UserError, match="jobs are not complete"):
         merge_parts(tmp_path)
     shard(tmp_path, small_tokenizer, **{"run.num_tasks": 3, "run.task_index": 1})
@@ -135,6 +140,7 @@ def test_task_split_then_merge_equals_single_task(tmp_path, small_tokenizer, ber
     assert not (tmp_path / "manifest.json").exists()
     merge_parts(tmp_path, verify=True)
     assert digest(tmp_path) == digest(bert_dir)
+    assert not (tmp_path / ".tmp").exists()
 
 
 def test_resume_after_a_killed_run(tmp_path, small_tokenizer, bert_dir):

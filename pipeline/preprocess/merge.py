@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.preprocess.manifest import PARTS_DIR, PLAN, build_manifest, write_manifest
-from pipeline.preprocess.records import load_record, shards_intact
+from pipeline.preprocess.records import TMP_DIR, load_record, shards_intact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,7 @@ def merge_parts(out: Path, verify: bool = False) -> dict:
             entries.append(entry)
     manifest = build_manifest(plan, entries, header)
     write_manifest(out, manifest)
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # every task is done: their temporaries are debris
     return manifest
 
 

@@ -153,7 +153,9 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
                 sizes = {j.index: j.size for j in pending}
                 for record in pool.imap_unordered(run_job, pending, chunksize=1):
                     account(record, sizes[record["job"]])
-    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    if num_tasks == 1:
+        shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    # else: concurrent tasks may still be writing their units' temporaries there; `merge` removes it.
 
     entries = [job_entry(out, records[j.index]) for j in mine]
     header = {
