@@ -73,3 +73,14 @@ def pretrained_run(root: Path, tokenizer: Path, arch: str, steps: int = 4) -> Pa
             "--checkpoint.every_steps", str(steps), "--tracking.system_metrics", "false",
             "--train.loss_curve", "false", "--optim.name", "adamw", "--optim.lr", "1e-3")  # fmt: skip
     return out
+
+
+def other_tokenizer(root: Path) -> Path:
+    """A tokenizer that is not the one the test checkpoints were trained with (built once per session)."""
+    from conftest import DEMO_CORPUS, run_cli
+
+    out = root / "other-tokenizer"
+    if not (out / "spm.model").is_file():
+        run_cli("tokenizer", "--input", str(DEMO_CORPUS), "--vocab-size", "1000", "--tokenizer.max_sentences",
+                "5000", "--output", str(out))  # fmt: skip
+    return out

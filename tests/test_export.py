@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, require_shared_data, run_cli
-from finetune_data import load_gz_json, pretrained_run
+from finetune_data import load_gz_json, other_tokenizer, pretrained_run
 
 from pipeline.errors import UserError
 from pipeline.export.source import open_pretrained
@@ -131,7 +131,7 @@ def test_manifest_lineage_and_mlflow_artifact(exports, small_tokenizer):
     assert "export/step_00000004/manifest.json" in logged and "export/step_00000004/model.safetensors" in logged
 
 
-def test_an_export_is_a_starting_point_with_the_same_weights_and_tokenizer_check(exports, tmp_path):
+def test_an_export_is_a_starting_point_with_the_same_weights_and_tokenizer_check(exports, tmp_path_factory):
     run, export, _ = exports["bert"]
     from_checkpoint, from_export = open_pretrained(str(run)), open_pretrained(str(export))
     assert from_export.kind == "export" and from_export.model_cfg == from_checkpoint.model_cfg
@@ -140,9 +140,7 @@ def test_an_export_is_a_starting_point_with_the_same_weights_and_tokenizer_check
     assert from_export.tokenizer().sha256 == from_checkpoint.tokenizer().sha256
     _, gpt_export, _ = exports["gpt"]  # an export directory also serves as a tokenizer directory
     assert from_export.tokenizer(str(gpt_export)).sha256 == from_checkpoint.tokenizer_sha256
-    other = tmp_path / "other"
-    run_cli("tokenizer", "--input", str(REPO / "data_shards/demo_corpus/sotu_1900-2021.jsonl.gz"), "--vocab-size",
-            "1000", "--output", str(other))  # fmt: skip
+    other = other_tokenizer(tmp_path_factory.getbasetemp() / "ft-pretrained")
     with pytest.raises(UserError, match="is not the one"):
         from_export.tokenizer(str(other))
 
@@ -186,3 +184,34 @@ def test_export_loads_in_transformers_4_57(exports, inputs, small_tokenizer, tmp
     hf = json.loads(result.read_text())
     assert hf["transformers"] == "4.57.6" and hf["tokenizer_class"] == "PreTrainedTokenizerFast"
     compare(hf, ours(run, arch, Tokenizer(small_tokenizer), inputs), arch)
+
+
+@pytest.mark.slow
+def test_zero2_bf16_two_rank_checkpoint_exports_its_fp32_master_weights(tmp_path, small_tokenizer):
+    """Two ranks, ZeRO-2, bf16: the module state holds bf16 copies, the fp32 master weights are partitioned over
+    the ranks' optimizer files. The export must hold the consolidated fp32 masters."""
+    from data_shards import build_shards
+
+    shards = build_shards(tmp_path, small_tokenizer, "shards", **{"data.seq_len": 64})
+    run = tmp_path / "run"
+    args = ["train", "--config", "configs/pretrain/debug.yaml", "--data.shards", str(shards), "--train.output_dir",
+            str(run), "--train.max_steps", "3", "--train.precision", "bf16", "--train.zero_stage", "2",
+            "--deepspeed.config", "configs/deepspeed/zero2.json", "--train.micro_batch_size", "4",
+            "--train.global_batch_size", "8", "--data.num_workers", "1", "--tracking.enabled", "false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pipeline"]
+    env = {**os.environ, "PIPELINE_PROGRESS": "0"}
+    proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "export"
+    run_cli("export", "--checkpoint", str(run), "--output", str(out), "--mlflow", "false")
+
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "model.safetensors")
+    tag = run / "checkpoints" / "step_00000003"
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    word = exported["bert.embeddings.word_embeddings.weight"]
+    bf16 = module["transformer.embeddings.word.weight"][: word.size(0)]
+    assert word.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(word.to(torch.bfloat16), bf16, atol=0, rtol=0)  # the masters round to the copies
+    assert not torch.equal(word, bf16.float())  # and carry more precision than them

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, require_shared_data, run_cli
-from finetune_data import bigbench_slice, movie_tsv, pretrained_run, spam_dir, squad_slice
+from finetune_data import bigbench_slice, movie_tsv, other_tokenizer, pretrained_run, spam_dir, squad_slice
 
 # A few steps, small batches, no MLflow unless the test is about it.
 FAST = ("--train.micro_batch_size", "8", "--train.global_batch_size", "8", "--finetune.eval_batch_size", "32",
@@ -91,7 +91,7 @@ def test_classification_gpt1_with_auxiliary_lm(data, gpt, tmp_path):
     assert any("lm_loss" in r for r in logged)  # the auxiliary objective (weight 0.5, gpt1.yaml) is on
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", pytest.param("gpt", marks=pytest.mark.slow)])
 def test_pair_classification_vitaminc(data, bert, gpt, tmp_path, arch):
     path = bigbench_slice(data, "vitaminc_task.json.gz", tmp_path / "vitaminc.json", 48, step=97)
     _, report = finetune("vitaminc", bert if arch == "bert" else gpt, tmp_path / "run", "--data.train.path",
@@ -100,7 +100,7 @@ def test_pair_classification_vitaminc(data, bert, gpt, tmp_path, arch):
     assert len(report["best"]["confusion"]) == 3 and report["best"]["labels"] == ["True", "False", "Neither"]
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", pytest.param("gpt", marks=pytest.mark.slow)])
 def test_multiple_choice_social_iqa(data, bert, gpt, tmp_path, arch):
     path = bigbench_slice(data, "social_iqa_task.json.gz", tmp_path / "siqa.json", 40)
     out = tmp_path / "run"
@@ -143,10 +143,8 @@ def test_squad20_emulated_unanswerable_questions(data, bert, gpt, tmp_path, arch
     assert {"exact", "f1", "best_exact", "best_f1_thresh", "NoAns_f1", "best_HasAns_f1"} <= best.keys()
 
 
-def test_a_tokenizer_that_does_not_match_the_checkpoint_fails_before_training(data, bert, tmp_path):
-    other = tmp_path / "other-tok"
-    run_cli("tokenizer", "--input", str(REPO / "data_shards/demo_corpus/sotu_1900-2021.jsonl.gz"), "--vocab-size",
-            "1000", "--output", str(other))  # fmt: skip
+def test_a_tokenizer_that_does_not_match_the_checkpoint_fails_before_training(data, bert, tmp_path, tmp_path_factory):
+    other = other_tokenizer(tmp_path_factory.getbasetemp() / "ft-pretrained")
     path = movie_tsv(data, tmp_path / "movies.tsv", 20)
     proc, _ = finetune("movie-sentiment", bert, tmp_path / "run", "--data.train.path", str(path), "--tokenizer",
                        str(other), check=False)  # fmt: skip

@@ -40,16 +40,16 @@ class ExportJobConfig:
     """`python -m pipeline export`."""
 
     checkpoint: str = option(
-        "", "a checkpoint tag directory, or a run / checkpoints directory (its newest published tag)",
-        aliases=("--checkpoint",),
-    )  # fmt: skip
-    output: str = option("", "the export directory to write", aliases=("--output",))
+        "",
+        "a checkpoint tag directory, or a run / checkpoints directory (its newest published tag)",
+    )
+    output: str = option("", "the export directory to write")
     tokenizer: str = option(
-        "", "the tokenizer directory (default: the one named by the training shards' manifest; must match it)",
-        aliases=("--tokenizer",),
-    )  # fmt: skip
-    overwrite: bool = option(False, "replace an existing export directory", aliases=("--overwrite",))
-    mlflow: bool = option(True, "log the export as an artifact of the checkpoint's MLflow run", aliases=("--mlflow",))
+        "",
+        "the tokenizer directory (default: the one named by the training shards' manifest; must match it)",
+    )
+    overwrite: bool = option(False, "replace an existing export directory")
+    mlflow: bool = option(True, "log the export as an artifact of the checkpoint's MLflow run")
     tracking_uri: str = option(
         "", "MLflow tracking URI of that run (default: the training config's, or the run directory's mlflow.db)"
     )

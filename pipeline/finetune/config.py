@@ -170,9 +170,8 @@ class FinetuneJobConfig:
     task: TaskConfig = section(TaskConfig)
     data: DataConfig = section(DataConfig)
     tokenizer: str = option(
-        "", "tokenizer directory (default: the checkpoint's); must be the one the checkpoint was trained with",
-        aliases=("--tokenizer",),
-    )  # fmt: skip
+        "", "tokenizer directory (default: the checkpoint's); must be the one the checkpoint was trained with"
+    )
     finetune: FinetuneConfig = section(FinetuneConfig)
     optim: OptimConfig = section(OptimConfig)
     schedule: ScheduleConfig = section(ScheduleConfig)
