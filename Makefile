@@ -12,7 +12,7 @@ DEMO_DIR ?= data_shards/demo
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-data demo-pretrain test test-slow test-all lint format bench venv clean-demo
+.PHONY: demo demo-data demo-pretrain demo-finetune test test-slow test-all lint format bench venv clean-demo
 
 venv: $(STAMP)
 
@@ -25,8 +25,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
-demo: demo-data demo-pretrain
-	@echo "demo done: shards in $(DEMO_DIR), pre-training run in runs/demo-pretrain (loss_curve.png, checkpoints/)"
+demo: demo-data demo-pretrain demo-finetune
+	@echo "demo done: shards in $(DEMO_DIR), pre-training run in runs/demo-pretrain (loss_curve.png, checkpoints/),"
+	@echo "fine-tuning runs in runs/demo-finetune (report.json, confusion_matrix.png)"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo-pretrain/mlflow.db"
 
 demo-data: $(STAMP)
@@ -36,6 +37,13 @@ demo-data: $(STAMP)
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --verify --plot $(DEMO_DIR)/shards-bert-128/lengths.png
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-gpt-128 --verify
 	$(PY) -m pipeline inspect $(DEMO_DIR)/shards-bert-128 --decode 2 --json
+
+# Fine-tunes the demo checkpoint on the bundled movie-review snippets, then the same architecture from random
+# initialisation with the same budget, and prints both dev scores (configs/finetune/demo-sentiment.yaml).
+DEMO_CHECKPOINT ?= runs/demo-pretrain
+demo-finetune: $(STAMP)
+	$(PY) benchmarks/transfer.py --checkpoint $(DEMO_CHECKPOINT) --tasks demo-sentiment --keep runs/demo-finetune \
+		--train-examples 0 --dev-examples 0 --epochs 3 --lr 5e-4 --table
 
 # A small BERT for a few minutes on CPU; re-running continues from its last checkpoint (--resume auto).
 demo-pretrain: $(STAMP)
@@ -65,6 +73,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/model_step.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
+	@test -d runs/demo-pretrain/checkpoints || { echo "benchmarks/transfer.py needs the demo checkpoint: run make demo first"; exit 1; }
+	$(PY) benchmarks/transfer.py --checkpoint runs/demo-pretrain
 
 clean-demo:
-	rm -rf $(DEMO_DIR) runs/demo-pretrain
+	rm -rf $(DEMO_DIR) runs/demo-pretrain runs/demo-finetune

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("pipeline.preprocess.merge", "join the parts of a multi-task sharding run into one manifest"),
     "inspect": ("pipeline.preprocess.inspect", "summarise, verify and decode a shard directory"),
     "train": ("pipeline.train.command", "pre-train BERT (MLM + NSP) or GPT-1 (causal LM) with DeepSpeed ZeRO"),
+    "finetune": ("pipeline.finetune.command", "fine-tune a checkpoint: classification, pairs, SQuAD, multiple choice"),
+    "export": ("pipeline.export.command", "export a checkpoint as a Hugging Face model directory with its lineage"),
 }
 
 

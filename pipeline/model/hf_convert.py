@@ -138,13 +138,13 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> di
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def to_hf_config(cfg: ModelConfig, **extra: Any):
-    """A ``transformers.BertConfig`` / ``OpenAIGPTConfig`` describing ``cfg`` (``extra`` is passed through)."""
+def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields of a ``BertConfig`` / ``OpenAIGPTConfig`` describing ``cfg``, as a plain dict (with
+    ``model_type``): what ``config.json`` of an export holds, written without importing transformers."""
     _check_exportable(cfg)
     if cfg.arch == "bert":
-        from transformers import BertConfig
-
-        return BertConfig(
+        return dict(
+            model_type="bert",
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
             num_hidden_layers=cfg.num_layers,
@@ -158,11 +158,9 @@ def to_hf_config(cfg: ModelConfig, **extra: Any):
             initializer_range=cfg.initializer_range,
             layer_norm_eps=cfg.layer_norm_eps,
             pad_token_id=0,  # pipeline.tokenizer.special: [PAD] is always id 0
-            **extra,
         )
-    from transformers import OpenAIGPTConfig
-
-    return OpenAIGPTConfig(
+    return dict(
+        model_type="openai-gpt",
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_position_embeddings,
         n_embd=cfg.hidden_size,
@@ -174,8 +172,20 @@ def to_hf_config(cfg: ModelConfig, **extra: Any):
         attn_pdrop=cfg.attention_dropout,
         layer_norm_epsilon=cfg.layer_norm_eps,
         initializer_range=cfg.initializer_range,
-        **extra,
     )
+
+
+def to_hf_config(cfg: ModelConfig, **extra: Any):
+    """A ``transformers.BertConfig`` / ``OpenAIGPTConfig`` describing ``cfg`` (``extra`` is passed through)."""
+    fields = to_hf_config_dict(cfg)
+    del fields["model_type"]
+    if cfg.arch == "bert":
+        from transformers import BertConfig
+
+        return BertConfig(**fields, **extra)
+    from transformers import OpenAIGPTConfig
+
+    return OpenAIGPTConfig(**fields, **extra)
 
 
 def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:

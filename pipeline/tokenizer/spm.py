@@ -37,13 +37,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 class Tokenizer:
     """SentencePiece plus the project's fixed special ids. Picklable (re-loads the model in each process)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, model_file: str = MODEL_FILE):
+        """``model_file``: the SentencePiece model's name in ``directory`` (an export names it spiece.model)."""
         self.directory = Path(directory)
-        model = self.directory / MODEL_FILE
+        self.model_file = model_file
+        model = self.directory / model_file
         meta_path = self.directory / META_FILE
         if not model.is_file() or not meta_path.is_file():
             raise UserError(
-                f"{self.directory} is not a tokenizer directory (needs {MODEL_FILE} and {META_FILE}); "
+                f"{self.directory} is not a tokenizer directory (needs {model_file} and {META_FILE}); "
                 "train one with `python -m pipeline tokenizer`"
             )
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -63,7 +65,7 @@ class Tokenizer:
     def _load(self) -> None:
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.directory / MODEL_FILE))
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.directory / self.model_file))
         self.vocab_size = self.sp.get_piece_size()
 
     def __getstate__(self):

@@ -137,8 +137,11 @@ class Checkpointer:
 
     def _prune(self, keep: str) -> None:
         published = [tag for _, tag in published_tags(self.dir)]
+        # Fine-tuning marks the checkpoint of each new best dev score; the newest of them outlives keep_last.
+        best = [tag for tag in published if read_mark(self.dir / tag).get("best")]
         for tag in published[: max(0, len(published) - self.keep_last)]:
-            shutil.rmtree(self.dir / tag, ignore_errors=True)
+            if tag not in best[-1:]:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
         # Unpublished directories are debris of saves that crashed before publication.
         for d in self.dir.iterdir():
             if d.is_dir() and d.name.startswith("step_") and not (d / MARK).exists() and d.name != keep:

@@ -1,0 +1,192 @@
+"""Fine-tuning as a ``Task`` of the shared training loop (``pipeline.train.loop``).
+
+Batches: a seeded permutation per (seed, epoch), padded by wrapping to a whole number of global batches and
+dealt to the ranks, so every rank has the same number of full micro-batches and ``batches(epoch, start)``
+resumes exactly. Evaluation: each rank scores an equal slice of the dev features (the last slice wraps around),
+the outputs are gathered on every rank and every rank computes the same scores; rank 0 writes them to
+``<output>/eval/`` (history, the best evaluation's details and predictions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.finetune.config import FinetuneJobConfig
+from pipeline.finetune.data import Prepared
+from pipeline.finetune.heads import FinetuneModel, lm_labels_for, lr_scales
+from pipeline.model.config import ModelConfig
+from pipeline.model.flops import flops_per_token
+from pipeline.train.loop import StepOutput
+
+EVAL_DIR = "eval"
+
+
+def _json_safe(value):
+    """JSON without NaN / Infinity (not JSON): non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+class FinetuneTask:
+    def __init__(
+        self,
+        cfg: FinetuneJobConfig,
+        model_cfg: ModelConfig,
+        prepared: Prepared,
+        init_state: dict | None,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        artifacts: list[str] | None = None,
+    ):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.data = prepared
+        self.problem = prepared.problem
+        self.init_state = init_state
+        self.device = device
+        self.rank, self.world = rank, world_size
+        self.micro = cfg.train.micro_batch_size
+        self.name = f"finetune-{cfg.task.kind}-{model_cfg.arch}"
+        n = len(prepared.train_features)
+        self.batches_per_epoch = -(-n // (self.micro * world_size))
+        self.aux_lm = cfg.finetune.aux_lm_weight if model_cfg.arch == "gpt" else 0.0
+        self.metric = cfg.finetune.metric or self.problem.default_metric
+        self.out = Path(cfg.train.output_dir)
+        self.eval_dir = self.out / EVAL_DIR
+        self._artifacts = artifacts or []
+        self.best_value = self._load_best()
+
+    # ---- model
+    def build_model(self) -> nn.Module:
+        model = FinetuneModel(
+            self.model_cfg, self.problem.head, self.problem.num_labels, self.cfg.finetune.head_dropout
+        )
+        if self.init_state is not None:
+            model.load_pretrained(self.init_state)
+        return model
+
+    def lr_scale(self) -> dict[str, float] | None:
+        ft = self.cfg.finetune
+        if ft.body_lr_scale == 1.0 and ft.layer_decay == 1.0:
+            return None
+        return lr_scales(self.model_cfg.num_layers, ft.body_lr_scale, ft.layer_decay)
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.model_cfg, self.cfg.task.max_seq_len, mlm_fraction=0.0)
+
+    # ---- training batches
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's feature indices for ``epoch``: a whole number of full micro-batches."""
+        n = len(self.data.train_features)
+        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
+        order = np.resize(order, self.batches_per_epoch * self.micro * self.world)  # wraps around to fill
+        return order[self.rank :: self.world]
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        order = self.epoch_order(epoch)
+        for b in range(start_batch, self.batches_per_epoch):
+            yield self.problem.collate(
+                [self.data.train_features[i] for i in order[b * self.micro : (b + 1) * self.micro]]
+            )
+
+    def _model_inputs(self, batch: dict) -> dict:
+        keys = ("input_ids", "token_type_ids", "attention_mask", "summary_index", "choice_mask")
+        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
+        if self.model_cfg.arch == "gpt":
+            inputs.pop("token_type_ids", None)  # GPT-1 has no segment embeddings
+        return inputs
+
+    def forward(self, model: nn.Module, batch: dict) -> StepOutput:
+        inputs = self._model_inputs(batch)
+        if self.aux_lm:
+            inputs["lm_labels"] = lm_labels_for(inputs["input_ids"], inputs["attention_mask"])
+        output = model(**inputs)
+        targets = {k: v.to(self.device) for k, v in batch.items() if k not in inputs}
+        loss, sums = self.problem.loss(output, targets)
+        if self.aux_lm:
+            loss = loss + self.aux_lm * output.lm.loss
+            sums.update(lm_loss_sum=output.lm.loss.detach() * output.lm.count, lm_count=output.lm.count)
+        return StepOutput(loss=loss, sums=sums, tokens=int(inputs["attention_mask"].sum()))
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        out = self.problem.train_metrics(sums)
+        if self.aux_lm and sums.get("lm_count"):
+            out["lm_loss"] = sums["lm_loss_sum"] / sums["lm_count"]
+        return out
+
+    # ---- evaluation
+    @torch.no_grad()
+    def predict(self, model: nn.Module) -> list[np.ndarray]:
+        """Outputs for every dev feature, in order (computed in slices over the ranks, gathered on all)."""
+        features = self.data.dev_features
+        n = len(features)
+        per_rank = -(-n // self.world)
+        mine = [(self.rank * per_rank + i) % n for i in range(per_rank)]
+        size = self.cfg.finetune.eval_batch_size
+        was_training = model.training
+        model.eval()
+        local = []
+        try:
+            for start in range(0, len(mine), size):
+                ids = mine[start : start + size]
+                batch = self.problem.collate([features[i] for i in ids])
+                output = model(**self._model_inputs(batch))
+                local.extend(zip(ids, self.problem.outputs(output, batch), strict=True))
+        finally:
+            model.train(was_training)
+        gathered = [local]
+        if self.world > 1 and dist.is_initialized():
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, local)
+        by_index = {i: out for part in gathered for i, out in part}
+        return [by_index[i] for i in range(n)]
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float] | None:
+        outputs = self.predict(model)
+        metrics, details = self.problem.score(self.data.dev_examples, self.data.dev_features, outputs)
+        value = metrics.get(self.metric)
+        if value is None:
+            raise KeyError(f"finetune.metric {self.metric!r} is not one of {sorted(metrics)}")
+        improved = self.best_value is None or value > self.best_value
+        if improved:
+            self.best_value = value
+        if self.rank == 0:
+            self.eval_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.eval_dir / "history.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(_json_safe({"step": step, **metrics})) + "\n")
+            if improved:
+                write_json(self.eval_dir / "best.json", {"step": step, "metric": self.metric, "metrics": metrics,
+                                                         **details})  # fmt: skip
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    def _load_best(self) -> float | None:
+        """The best dev score of an earlier attempt of this run (resume), so 'best' survives restarts."""
+        path = self.eval_dir / "best.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))["metrics"].get(self.metric)
+        return None
+
+    def describe(self) -> dict:
+        return {"artifacts": self._artifacts}
