@@ -77,6 +77,7 @@ def test_include_and_flatten(tmp_path):
 
 def _check_config(path: Path) -> None:
     """Build the config a shipped YAML is for, with stand-ins for the paths given on the command line."""
+    from pipeline.finetune.config import FinetuneJobConfig
     from pipeline.model.config import load_model_preset
     from pipeline.preprocess.config import ShardJobConfig
     from pipeline.tokenizer.train import TokenizerJobConfig
@@ -92,6 +93,9 @@ def _check_config(path: Path) -> None:
     elif kind == "pretrain":
         cfg = build_config(TrainJobConfig, path)
         assert (REPO / cfg.deepspeed.config).is_file(), cfg.deepspeed.config
+    elif kind == "finetune":  # task presets and the fragments they include (details: test_finetune_configs.py)
+        fragment = path.stem in ("base", "gpt1")  # included by the task presets, which give the labels
+        build_config(FinetuneJobConfig, path, {"task.labels": ["a", "b"]} if fragment else None)
     else:
         raise AssertionError(f"no check for configs/{kind}: add one here")
 
