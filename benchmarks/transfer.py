@@ -10,7 +10,7 @@ Prints one JSON line: per task the pretrained and random scores and the gain (pr
 task's metric (accuracy; spam, whose classes are 5:1, also macro F1).
 
 usage: python benchmarks/transfer.py --checkpoint runs/demo-pretrain [--tasks spam,movie-sentiment]
-       [--train-examples 1000] [--dev-examples 1000] [--epochs 4] [--lr 5e-4] [--keep DIR] [--table]
+       [--train-examples 2400] [--dev-examples 1000] [--epochs 3] [--lr 5e-4] [--keep DIR] [--table]
        (0 examples: all of them)
 """
 
@@ -58,9 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/demo-pretrain", help="pre-training checkpoint or export")
     parser.add_argument("--tasks", default="spam,movie-sentiment", help="configs/finetune presets, comma-separated")
-    parser.add_argument("--train-examples", type=int, default=1000)
+    parser.add_argument("--train-examples", type=int, default=2400)
     parser.add_argument("--dev-examples", type=int, default=1000)
-    parser.add_argument("--epochs", type=float, default=4)
+    parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--keep", default="", help="keep the runs in this directory (default: a temporary one)")
