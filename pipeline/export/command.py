@@ -65,12 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ExportJobConfig)
 
 
-def _file_entry(path: Path) -> dict:
-    from pipeline.tokenizer.spm import sha256_file
-
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
 def export(cfg: ExportJobConfig) -> dict:
     """Write the export (atomically: a temporary directory renamed at the end); returns its manifest."""
     import torch
@@ -79,6 +73,7 @@ def export(cfg: ExportJobConfig) -> dict:
     from pipeline.export.source import EXPORT_FORMAT, EXPORT_MANIFEST, open_pretrained
     from pipeline.export.tokenizer import write_hf_tokenizer
     from pipeline.model.builder import build_model
+    from pipeline.tokenizer.spm import file_record
     from pipeline.train.loop import _git_commit
 
     out = Path(cfg.output)
@@ -104,7 +99,7 @@ def export(cfg: ExportJobConfig) -> dict:
         "format": EXPORT_FORMAT,
         "architecture": ARCHITECTURES[model_cfg.arch],
         "arch": model_cfg.arch,
-        "files": {name: _file_entry(tmp / name) for name in sorted(files)},
+        "files": {name: file_record(tmp / name) for name in sorted(files)},
         "lineage": lineage,
         "step": lineage["step"],
         "samples": lineage["samples"],

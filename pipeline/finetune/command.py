@@ -40,10 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _file_info(path: str) -> dict | None:
-    from pipeline.tokenizer.spm import sha256_file
+    from pipeline.tokenizer.spm import file_record
 
-    p = Path(path)
-    return {"path": path, "sha256": sha256_file(p), "bytes": p.stat().st_size} if p.is_file() else None
+    return {"path": path, **file_record(path)} if Path(path).is_file() else None
 
 
 def finetune(cfg: FinetuneJobConfig) -> dict:

@@ -133,7 +133,8 @@ def read_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
+        rows = (record for batch in pq.ParquetFile(path).iter_batches() for record in batch.to_pylist())
+        for i, record in enumerate(rows):  # record batches: a large file is never held whole
             yield f"{path}#{i}", record
     elif fmt == "bigbench":
         data = _load_json(path)

@@ -34,6 +34,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_record(path: str | Path) -> dict:
+    """Size and sha256 of a file, as the export manifest and the fine-tuning lineage list their files."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
 class Tokenizer:
     """SentencePiece plus the project's fixed special ids. Picklable (re-loads the model in each process)."""
 
