@@ -142,11 +142,10 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
 
 
 def _best_checkpoint(out: Path) -> str | None:
-    from pipeline.train.checkpoint import published_tags, read_mark
+    from pipeline.train.checkpoint import newest_best_tag
 
-    ckpt = out / "checkpoints"
-    best = [tag for _, tag in published_tags(ckpt) if read_mark(ckpt / tag).get("best")]
-    return str(ckpt / best[-1]) if best else None
+    best = newest_best_tag(out / "checkpoints")
+    return str(out / "checkpoints" / best) if best else None
 
 
 def _log_files(cfg: FinetuneJobConfig, out: Path, run_id: str | None, files: list[Path]) -> None:

@@ -102,6 +102,12 @@ def read_mark(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MARK).read_text())
 
 
+def newest_best_tag(ckpt_dir: Path) -> str | None:
+    """The newest published tag marked ``best`` (fine-tuning marks each new best dev score), or None."""
+    best = [tag for _, tag in published_tags(ckpt_dir) if read_mark(ckpt_dir / tag).get("best")]
+    return best[-1] if best else None
+
+
 class Checkpointer:
     def __init__(self, output_dir: Path, keep_last: int, rank: int, world_size: int):
         self.dir = output_dir / "checkpoints"
@@ -137,10 +143,9 @@ class Checkpointer:
 
     def _prune(self, keep: str) -> None:
         published = [tag for _, tag in published_tags(self.dir)]
-        # Fine-tuning marks the checkpoint of each new best dev score; the newest of them outlives keep_last.
-        best = [tag for tag in published if read_mark(self.dir / tag).get("best")]
+        best = newest_best_tag(self.dir)  # fine-tuning's best checkpoint outlives keep_last
         for tag in published[: max(0, len(published) - self.keep_last)]:
-            if tag not in best[-1:]:
+            if tag != best:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
         # Unpublished directories are debris of saves that crashed before publication.
         for d in self.dir.iterdir():
