@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.finetune.heads import FinetuneModel, lm_labels_for, lr_scales
@@ -94,3 +95,25 @@ def test_new_head_loads_a_pretrained_body_and_gets_its_own_learning_rate():
         by_scale[g["lr_scale"]] = by_scale.get(g["lr_scale"], 0) + sum(p.numel() for p in g["params"])
     assert by_scale[1.0] == model.head.weight.numel() + model.head.bias.numel()
     assert set(by_scale) == {1.0, 0.5, 0.5 * 0.8, 0.5 * 0.8**2}  # top layer + pooler, layer 0, embeddings
+
+
+def test_mean_pooling_reads_the_real_tokens_only():
+    from pipeline.finetune.heads import masked_mean
+    from pipeline.model.builder import build_model
+
+    hidden = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
+    torch.testing.assert_close(masked_mean(hidden, torch.tensor([[1, 1, 0, 0]])), hidden[:, :2].mean(1))
+    for arch in ("bert", "gpt"):
+        cfg = load_model_preset("debug", {"vocab_size": 300, "arch": arch})
+        torch.manual_seed(0)
+        model = FinetuneModel(cfg, "classify", 2, pooling="mean").eval()
+        assert model.pooler is None  # BERT's pooler belongs to the [CLS] summary only
+        left = model.load_pretrained(build_model(cfg).state_dict())
+        assert sorted(left) == ["head.bias", "head.weight"]
+        ids = torch.tensor([[S.start, 20, 21, 22, S.extract, 0, 0]])
+        mask = (ids != 0).long()
+        padded = model(ids, attention_mask=mask, summary_index=torch.tensor([4])).logits
+        alone = model(ids[:, :5], attention_mask=mask[:, :5], summary_index=torch.tensor([4])).logits
+        torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)  # padding takes no part in the mean
+    with pytest.raises(ValueError, match="pooling"):
+        FinetuneModel(cfg, "classify", 2, pooling="max")

@@ -132,6 +132,12 @@ class FinetuneConfig:
 
     epochs: float = option(3.0, "training length in epochs over the training set (sets train.max_steps; 0: use it)")
     head_dropout: float = option(0.1, "dropout before the new head")
+    pooling: Literal["summary", "mean"] = option(
+        "summary",
+        "what a sequence-level head (classification, multiple choice) reads: summary = BERT's pooled [CLS] or "
+        "GPT-1's extract token (the papers); mean = the mean of the final states over the real tokens, which "
+        "small pre-trained models whose attention is still local transfer better through",
+    )
     dropout: float | None = option(
         None, "hidden and attention dropout of the body (None: the checkpoint's, 0.1 in both papers)"
     )

@@ -1,7 +1,9 @@
 """Fine-tuning models: the pre-trained transformer body with a new, randomly initialised head.
 
 * ``classify``: BERT reads the pooled [CLS] state (the pre-trained pooler, as in the paper), GPT-1 the final
-  state of its extract token; dropout, then a linear layer to the classes.
+  state of its extract token; dropout, then a linear layer to the classes. ``pooling="mean"`` reads the mean of
+  the final states over the real tokens instead (Sentence-BERT's pooling; for a causal model every position's
+  state, each summarising its prefix).
 * ``choice``: the same with one output; inputs are (B, K, T), one sequence per choice, giving (B, K) scores
   (padded choices are masked) for a softmax over the choices.
 * ``span``: a linear layer on every token's final state gives start and end logits (SQuAD).
@@ -25,6 +27,7 @@ from pipeline.model.loss import IGNORE_INDEX, TokenLoss, token_cross_entropy
 from pipeline.model.transformer import TransformerBody, init_weights
 
 HEAD_OUTPUTS = {"span": 2, "choice": 1}
+POOLINGS = ("summary", "mean")
 
 
 @dataclass
@@ -34,14 +37,20 @@ class FinetuneOutput:
 
 
 class FinetuneModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, head: str, num_labels: int = 0, head_dropout: float = 0.1):
+    def __init__(
+        self, cfg: ModelConfig, head: str, num_labels: int = 0, head_dropout: float = 0.1, pooling: str = "summary"
+    ):
         super().__init__()
         if head not in ("classify", "choice", "span"):
             raise ValueError(f"head must be classify, choice or span, got {head!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.cfg = cfg
         self.head_kind = head
+        self.pooling = pooling
         self.transformer = TransformerBody(cfg)
-        self.pooler = Pooler(cfg) if cfg.arch == "bert" and head != "span" else None
+        pooled_cls = cfg.arch == "bert" and head != "span" and pooling == "summary"
+        self.pooler = Pooler(cfg) if pooled_cls else None
         self.dropout = nn.Dropout(head_dropout)
         self.head = nn.Linear(cfg.hidden_size, HEAD_OUTPUTS.get(head, num_labels))
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
@@ -83,7 +92,9 @@ class FinetuneModel(nn.Module):
             if attention_mask is not None:  # padding is never an answer
                 logits = logits.masked_fill(~attention_mask.bool()[..., None], torch.finfo(logits.dtype).min)
         else:
-            if self.pooler is not None:
+            if self.pooling == "mean":
+                summary = masked_mean(hidden, attention_mask)  # (N, H)
+            elif self.pooler is not None:
                 summary = self.pooler(hidden)  # (N, H): tanh(dense(h[CLS]))
             else:
                 rows = torch.arange(hidden.size(0), device=hidden.device)
@@ -99,6 +110,14 @@ class FinetuneModel(nn.Module):
             weight = self.transformer.embeddings.word.weight
             lm = token_cross_entropy(hidden, lm_labels, weight, None, self.cfg.vocab_size)
         return FinetuneOutput(logits=logits, lm=lm)
+
+
+def masked_mean(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(N, T, H) -> (N, H): the mean over the real tokens (all of them without a mask)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    weights = attention_mask.to(hidden.dtype)[..., None]  # (N, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def lm_labels_for(input_ids: Tensor, attention_mask: Tensor) -> Tensor:

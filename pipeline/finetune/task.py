@@ -80,9 +80,8 @@ class FinetuneTask:
 
     # ---- model
     def build_model(self) -> nn.Module:
-        model = FinetuneModel(
-            self.model_cfg, self.problem.head, self.problem.num_labels, self.cfg.finetune.head_dropout
-        )
+        ft = self.cfg.finetune
+        model = FinetuneModel(self.model_cfg, self.problem.head, self.problem.num_labels, ft.head_dropout, ft.pooling)
         if self.init_state is not None:
             model.load_pretrained(self.init_state)
         return model
