@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("pipeline.preprocess.inspect", "summarise, verify and decode a shard directory"),
     "train": ("pipeline.train.command", "pre-train BERT (MLM + NSP) or GPT-1 (causal LM) with DeepSpeed ZeRO"),
     "finetune": ("pipeline.finetune.command", "fine-tune a checkpoint: classification, pairs, SQuAD, multiple choice"),
+    "unlabeled": ("pipeline.finetune.unlabeled", "write a task's training texts as a corpus for adaptive pre-training"),
     "export": ("pipeline.export.command", "export a checkpoint as a Hugging Face model directory with its lineage"),
 }
 
