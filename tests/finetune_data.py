@@ -60,18 +60,21 @@ def spam_dir(data: Path, out: Path, per_class: int) -> Path:
 
 def pretrained_run(root: Path, tokenizer: Path, arch: str, steps: int = 4) -> Path:
     """A debug-preset pre-training run on shards of the demo-corpus subset (built once per session under
-    ``root``): a checkpoint to fine-tune and export."""
+    ``root``): a checkpoint to fine-tune and export. ``arch`` "gpt2" is a pre-LN GPT (exported as GPT-2)."""
     from conftest import run_cli  # noqa: I001 - test-directory modules, imported where needed
     from data_shards import build_shards
 
     out = root / f"pretrain-{arch}"
     if (out / "checkpoints" / "latest").is_file():
         return out
-    shards = build_shards(root, tokenizer, f"shards-{arch}", **{"data.objective": arch, "data.seq_len": 64})
-    run_cli("train", "--config", "configs/pretrain/debug.yaml", "--data.shards", str(shards), "--model.arch", arch,
-            "--train.output_dir", str(out), "--train.max_steps", str(steps), "--train.global_batch_size", "8",
-            "--checkpoint.every_steps", str(steps), "--tracking.system_metrics", "false",
-            "--train.loss_curve", "false", "--optim.name", "adamw", "--optim.lr", "1e-3")  # fmt: skip
+    model_arch = "gpt" if arch == "gpt2" else arch
+    extra = ["--model.pre_layernorm", "true"] if arch == "gpt2" else []
+    overrides = {"data.objective": model_arch, "data.seq_len": 64}
+    shards = build_shards(root, tokenizer, f"shards-{model_arch}", **overrides)
+    run_cli("train", "--config", "configs/pretrain/debug.yaml", "--data.shards", str(shards), "--model.arch",
+            model_arch, "--train.output_dir", str(out), "--train.max_steps", str(steps), "--train.global_batch_size",
+            "8", "--checkpoint.every_steps", str(steps), "--tracking.system_metrics", "false",
+            "--train.loss_curve", "false", "--optim.name", "adamw", "--optim.lr", "1e-3", *extra)  # fmt: skip
     return out
 
 

@@ -49,7 +49,7 @@ def inputs():
 def exports(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.getbasetemp() / "ft-pretrained"
     out = {}
-    for arch in ("bert", "gpt"):
+    for arch in ("bert", "gpt", "gpt2"):
         run = pretrained_run(root, small_tokenizer, arch)
         target = tmp_path_factory.mktemp("export") / arch
         proc = run_cli("export", "--checkpoint", str(run), "--output", str(target))
@@ -62,7 +62,7 @@ def ours(run: Path, arch: str, tokenizer: Tokenizer, spec: dict) -> dict:
     source = open_pretrained(str(run))
     model = build_model(source.model_cfg).eval()
     model.load_state_dict(source.state_dict)
-    fmt = InputFormat(arch, 128)
+    fmt = InputFormat("bert" if arch == "bert" else "gpt", 128)
     single = [fmt.single(ids) for ids in tokenizer.encode(spec["texts"])]
     first = tokenizer.encode([a for a, _ in spec["pairs"]])
     second = tokenizer.encode([b for _, b in spec["pairs"]])
@@ -97,12 +97,12 @@ def compare(hf: dict, mine: dict, arch: str) -> None:
     assert torch.tensor(hf["models"]["sequence_classification"]["logits"]).shape == (len(ids), 2)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", "gpt", "gpt2"])
 def test_export_loads_in_transformers_5_with_our_ids_and_logits(exports, inputs, small_tokenizer, arch):
     run, export, _ = exports[arch]
     hf = check(str(export), inputs["texts"], inputs["pairs"])
     assert hf["transformers"].startswith("5.")
-    expected = {"bert": "BertForPreTraining", "gpt": "OpenAIGPTLMHeadModel"}[arch]
+    expected = {"bert": "BertForPreTraining", "gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel"}[arch]
     assert hf["models"]["pretraining"]["class"] == expected
     compare(hf, ours(run, arch, Tokenizer(small_tokenizer), inputs), arch)
 
@@ -171,7 +171,7 @@ def _hf4_python() -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", "gpt", "gpt2"])
 def test_export_loads_in_transformers_4_57(exports, inputs, small_tokenizer, tmp_path, arch):
     python = _hf4_python()
     run, export, _ = exports[arch]

@@ -1,4 +1,5 @@
-"""Numerical parity with Hugging Face's BertForPreTraining and OpenAIGPTLMHeadModel (fp32, with padding)."""
+"""Numerical parity with Hugging Face's BertForPreTraining, OpenAIGPTLMHeadModel and GPT2LMHeadModel (a pre-LN GPT)
+(fp32, with padding)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,26 @@ def test_bert_logits_match_hf_both_ways():
     torch.testing.assert_close(mine.loss, theirs.loss, atol=ATOL, rtol=0)
 
 
-def test_gpt_logits_match_hf_both_ways():
+# GPT-1 (post-LN), and pre-LN GPTs as GPT-2: tanh GELU at GPT-1's width, exact GELU at another width.
+GPTS = {
+    "gpt1": {},
+    "gpt2": {"pre_layernorm": True},
+    "gpt2-gelu-wide": {"pre_layernorm": True, "activation": "gelu", "intermediate_size": 96},
+}
+
+
+@pytest.mark.parametrize("variant", GPTS)
+def test_gpt_logits_match_hf_both_ways(variant):
+    cfg = tiny("gpt", **GPTS[variant])
     torch.manual_seed(0)
-    ours = build_model(tiny("gpt")).eval()
+    ours = build_model(cfg).eval()
+    if cfg.pre_layernorm:  # a trained final LayerNorm is not the identity: make sure it is carried over
+        with torch.no_grad():
+            ours.transformer.final_norm.weight.uniform_(0.5, 1.5)
+            ours.transformer.final_norm.bias.normal_(0, 0.1)
     hf = to_hf_model(ours)
+    expected = transformers.GPT2LMHeadModel if cfg.pre_layernorm else transformers.OpenAIGPTLMHeadModel
+    assert type(hf) is expected
     ids, mask, _, _ = batch(B=4, T=16, seed=2)
     with torch.no_grad():
         for m in (mask, None):
@@ -78,8 +95,9 @@ def test_gpt_logits_match_hf_both_ways():
             )
 
     torch.manual_seed(1)
-    hf = transformers.OpenAIGPTLMHeadModel(to_hf_config(tiny("gpt"))).eval()
+    hf = expected(to_hf_config(cfg)).eval()
     ours = from_hf_model(hf, fused="none").eval()
+    assert ours.cfg == cfg
     labels = torch.where(mask.bool(), ids, -100)  # HF shifts labels itself; ours are pre-shifted
     shifted = torch.cat([labels[:, 1:], torch.full((4, 1), -100)], 1)
     with torch.no_grad():
@@ -89,14 +107,15 @@ def test_gpt_logits_match_hf_both_ways():
     torch.testing.assert_close(mine.loss, theirs.loss, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", "gpt", "gpt2"])
 def test_state_dict_round_trip_strips_vocab_padding(arch):
-    cfg = tiny(arch)
+    cfg = tiny("gpt", pre_layernorm=True) if arch == "gpt2" else tiny(arch)
     assert cfg.padded_vocab_size > cfg.vocab_size
     torch.manual_seed(0)
     sd = build_model(cfg).state_dict()
     hf_sd = to_hf_state_dict(cfg, sd)
-    word = "bert.embeddings.word_embeddings.weight" if arch == "bert" else "transformer.tokens_embed.weight"
+    word = {"bert": "bert.embeddings.word_embeddings.weight", "gpt": "transformer.tokens_embed.weight"}
+    word = word.get(arch, "transformer.wte.weight")
     assert hf_sd[word].shape == (V, 32)  # the hand-off never carries padded rows
     back = from_hf_state_dict(cfg, hf_sd)
     assert back.keys() == sd.keys()
@@ -104,16 +123,18 @@ def test_state_dict_round_trip_strips_vocab_padding(arch):
         torch.testing.assert_close(back[k], v, atol=0, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", "gpt", "gpt2"])
 def test_config_round_trip(arch):
-    cfg = tiny(arch)
+    cfg = tiny("gpt", pre_layernorm=True) if arch == "gpt2" else tiny(arch)
     again = from_hf_config(to_hf_config(cfg), fused="none")
     assert again == cfg
+    if arch == "gpt2":  # GPT-2's default 50256 would be outside this vocabulary
+        assert (to_hf_config(cfg).bos_token_id, to_hf_config(cfg).eos_token_id) == (5, 8)
 
 
 def test_unconvertible_configs_are_refused():
     with pytest.raises(ValueError, match="pre_layernorm"):
-        to_hf_config(tiny(pre_layernorm=True))
+        to_hf_config(tiny(pre_layernorm=True))  # BERT: pre-LN has no Hugging Face class
     with pytest.raises(ValueError, match="intermediate_size"):
         to_hf_config(tiny("gpt", intermediate_size=100))
     with pytest.raises(ValueError, match="activation"):

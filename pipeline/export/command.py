@@ -2,9 +2,10 @@
 
 Consolidates the (ZeRO-sharded) DeepSpeed checkpoint to fp32 and writes into --output:
 
-  config.json, model.safetensors     BertForPreTraining / OpenAIGPTLMHeadModel weights (vocabulary padding
-                                     stripped); load with AutoModelForPreTraining, AutoModelForMaskedLM (BERT),
-                                     AutoModelForCausalLM (GPT), AutoModelForSequenceClassification (new head)
+  config.json, model.safetensors     BertForPreTraining / OpenAIGPTLMHeadModel (GPT2LMHeadModel for a pre-LN
+                                     GPT) weights (vocabulary padding stripped); load with
+                                     AutoModelForPreTraining, AutoModelForMaskedLM (BERT), AutoModelForCausalLM
+                                     (GPT), AutoModelForSequenceClassification (new head)
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
                                      AutoTokenizer: the same ids as our SentencePiece model, BERT's
                                      [CLS] A [SEP] B [SEP] (segment ids 0/1) or GPT-1's [START] A [DELIM] B [EXTRACT]
@@ -69,7 +70,7 @@ def export(cfg: ExportJobConfig) -> dict:
     """Write the export (atomically: a temporary directory renamed at the end); returns its manifest."""
     import torch
 
-    from pipeline.export.hf import ARCHITECTURES, write_hf_model
+    from pipeline.export.hf import hf_config, write_hf_model
     from pipeline.export.source import EXPORT_FORMAT, EXPORT_MANIFEST, open_pretrained
     from pipeline.export.tokenizer import write_hf_tokenizer
     from pipeline.model.builder import build_model
@@ -97,7 +98,7 @@ def export(cfg: ExportJobConfig) -> dict:
     lineage = source.lineage
     manifest = {
         "format": EXPORT_FORMAT,
-        "architecture": ARCHITECTURES[model_cfg.arch],
+        "architecture": hf_config(model_cfg)["architectures"][0],
         "arch": model_cfg.arch,
         "files": {name: file_record(tmp / name) for name in sorted(files)},
         "lineage": lineage,

@@ -16,7 +16,8 @@ from torch import Tensor
 from pipeline.model.config import ModelConfig
 from pipeline.model.hf_convert import to_hf_config_dict, to_hf_state_dict
 
-ARCHITECTURES = {"bert": "BertForPreTraining", "gpt": "OpenAIGPTLMHeadModel"}
+# By config.json's model_type: a pre-LN GPT is exported as GPT-2 (pipeline.model.hf_convert).
+ARCHITECTURES = {"bert": "BertForPreTraining", "openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel"}
 # Keys transformers ties to another tensor and therefore never stores.
 TIED_KEYS = {"bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"), "gpt": ("lm_head.weight",)}
 
@@ -24,7 +25,7 @@ TIED_KEYS = {"bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder
 def hf_config(cfg: ModelConfig) -> dict:
     """The ``config.json`` of an export."""
     fields = to_hf_config_dict(cfg)
-    out = {"architectures": [ARCHITECTURES[cfg.arch]], **fields, "tie_word_embeddings": True}
+    out = {"architectures": [ARCHITECTURES[fields["model_type"]]], **fields, "tie_word_embeddings": True}
     if cfg.arch == "gpt":
         # [PAD] is id 0: sequence classification finds each row's last real token by it.
         out["pad_token_id"] = 0

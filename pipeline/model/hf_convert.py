@@ -1,4 +1,5 @@
-"""Weights both ways between our models and Hugging Face's ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel``.
+"""Weights both ways between our models and Hugging Face's ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel`` /
+``GPT2LMHeadModel``.
 
 The state-dict functions are plain tensor renames and need no transformers; only building a transformers
 config or model imports it, lazily (it is a dev/test dependency, not a runtime one).
@@ -9,7 +10,9 @@ Differences handled here:
 * our embedding table may be padded to a multiple of 8 rows: export strips the padding (fine-tuning code
   sizes its softmax from the embedding, and padded rows once silently corrupted scores, NVIDIA
   DeepLearningExamples #1154); import pads with zero rows again.
-Pre-LN models have no Hugging Face counterpart in these two classes and are refused.
+* a pre-LN GPT is GPT-2's block (LayerNorm before each sublayer, a final ``ln_f``) and goes to GPT-2's classes,
+  with the same per-layer names as GPT-1's; a post-LN GPT goes to OpenAIGPT's. Pre-LN BERT has no Hugging
+  Face counterpart and is refused.
 """
 
 from __future__ import annotations
@@ -20,16 +23,27 @@ import torch
 from torch import Tensor
 
 from pipeline.model.config import ModelConfig
+from pipeline.tokenizer.special import SPECIAL_IDS
 
 # Hugging Face's names for GELU: BERT's ACT2FN spelling, GPT-1's `afn` (where "gelu" means the tanh form).
 _BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _BERT_ACT_BACK = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+# GPT-2's activation_function names (its "gelu" is exact, "gelu_new" the tanh form).
+_GPT2_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_GPT2_ACT_BACK = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def is_gpt2(cfg: ModelConfig) -> bool:
+    """A pre-LN GPT: exported as Hugging Face GPT-2."""
+    return cfg.arch == "gpt" and cfg.pre_layernorm
+
+
 def _check_exportable(cfg: ModelConfig) -> None:
-    if cfg.pre_layernorm:
-        raise ValueError("model.pre_layernorm: Hugging Face BERT / OpenAI GPT are post-LN; cannot convert")
-    if cfg.arch == "gpt":
+    if cfg.pre_layernorm and cfg.arch == "bert":
+        raise ValueError("model.pre_layernorm: Hugging Face BERT is post-LN; cannot convert a pre-LN BERT")
+    if cfg.arch == "gpt" and not cfg.pre_layernorm:
         if cfg.activation != "gelu_tanh":
             raise ValueError("model.activation: OpenAIGPT's GELU is the tanh approximation; cannot convert exact gelu")
         if cfg.intermediate_size != 4 * cfg.hidden_size:
@@ -74,6 +88,11 @@ _BERT_TOP = {
 _GPT_LAYER = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "norm1": "ln_1", "fc": "mlp.c_fc"}
 _GPT_LAYER.update({"proj": "mlp.c_proj", "norm2": "ln_2"})
 _GPT_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# Embedding and final-norm names: GPT-1's, GPT-2's (the per-layer names are the same in both).
+_GPT_TOP = {"word": "transformer.tokens_embed.weight", "position": "transformer.positions_embed.weight"}
+_GPT2_TOP = {"word": "transformer.wte.weight", "position": "transformer.wpe.weight"}
+_GPT2_FINAL_NORM = {"transformer.final_norm.weight": "transformer.ln_f.weight"}
+_GPT2_FINAL_NORM["transformer.final_norm.bias"] = "transformer.ln_f.bias"
 
 
 def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -98,9 +117,13 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[st
                 for ours, theirs in _BERT_LAYER.items():
                     out[f"{dst}{theirs}.{part}"] = sd[f"{src}{ours}.{part}"]
     else:
-        out["transformer.tokens_embed.weight"] = word
+        top = _GPT2_TOP if is_gpt2(cfg) else _GPT_TOP
+        out[top["word"]] = word
         out["lm_head.weight"] = word
-        out["transformer.positions_embed.weight"] = sd["transformer.embeddings.position.weight"]
+        out[top["position"]] = sd["transformer.embeddings.position.weight"]
+        if is_gpt2(cfg):
+            for ours, theirs in _GPT2_FINAL_NORM.items():
+                out[theirs] = sd[ours]
         for i in range(cfg.num_layers):
             src, dst = f"transformer.layers.{i}.", f"transformer.h.{i}."
             for ours, theirs in _GPT_LAYER.items():
@@ -127,8 +150,12 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> di
                 for ours, theirs in _BERT_LAYER.items():
                     out[f"{dst}{ours}.{part}"] = sd[f"{src}{theirs}.{part}"]
     else:
-        out["transformer.embeddings.word.weight"] = _pad(sd["transformer.tokens_embed.weight"], cfg)
-        out["transformer.embeddings.position.weight"] = sd["transformer.positions_embed.weight"]
+        top = _GPT2_TOP if is_gpt2(cfg) else _GPT_TOP
+        out["transformer.embeddings.word.weight"] = _pad(sd[top["word"]], cfg)
+        out["transformer.embeddings.position.weight"] = sd[top["position"]]
+        if is_gpt2(cfg):
+            for ours, theirs in _GPT2_FINAL_NORM.items():
+                out[ours] = sd[theirs]
         for i in range(cfg.num_layers):
             src, dst = f"transformer.h.{i}.", f"transformer.layers.{i}."
             for ours, theirs in _GPT_LAYER.items():
@@ -139,7 +166,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> di
 
 
 def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The fields of a ``BertConfig`` / ``OpenAIGPTConfig`` describing ``cfg``, as a plain dict (with
+    """The fields of a ``BertConfig`` / ``OpenAIGPTConfig`` / ``GPT2Config`` describing ``cfg``, as a plain dict (with
     ``model_type``): what ``config.json`` of an export holds, written without importing transformers."""
     _check_exportable(cfg)
     if cfg.arch == "bert":
@@ -159,6 +186,26 @@ def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
             layer_norm_eps=cfg.layer_norm_eps,
             pad_token_id=0,  # pipeline.tokenizer.special: [PAD] is always id 0
         )
+    if is_gpt2(cfg):
+        return dict(
+            model_type="gpt2",
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.max_position_embeddings,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.intermediate_size,
+            activation_function=_GPT2_ACT[cfg.activation],
+            resid_pdrop=cfg.hidden_dropout,
+            embd_pdrop=cfg.hidden_dropout,
+            attn_pdrop=cfg.attention_dropout,
+            layer_norm_epsilon=cfg.layer_norm_eps,
+            initializer_range=cfg.initializer_range,
+            # GPT2Config defaults to GPT-2's own 50256, outside this vocabulary: generation starts at [START]
+            # and ends where pre-training ended documents, at [EOD] (pipeline.tokenizer.special).
+            bos_token_id=SPECIAL_IDS.start,
+            eos_token_id=SPECIAL_IDS.eod,
+        )
     return dict(
         model_type="openai-gpt",
         vocab_size=cfg.vocab_size,
@@ -176,13 +223,18 @@ def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def to_hf_config(cfg: ModelConfig, **extra: Any):
-    """A ``transformers.BertConfig`` / ``OpenAIGPTConfig`` describing ``cfg`` (``extra`` is passed through)."""
+    """A ``transformers.BertConfig`` / ``OpenAIGPTConfig`` / ``GPT2Config`` describing ``cfg`` (``extra`` is passed
+    through)."""
     fields = to_hf_config_dict(cfg)
     del fields["model_type"]
     if cfg.arch == "bert":
         from transformers import BertConfig
 
         return BertConfig(**fields, **extra)
+    if is_gpt2(cfg):
+        from transformers import GPT2Config
+
+        return GPT2Config(**fields, **extra)
     from transformers import OpenAIGPTConfig
 
     return OpenAIGPTConfig(**fields, **extra)
@@ -225,17 +277,40 @@ def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
             activation="gelu_tanh",
             initializer_range=hf_config.initializer_range,
         )
+    elif hf_config.model_type == "gpt2":
+        if hf_config.activation_function not in _GPT2_ACT_BACK:
+            raise ValueError(f"activation_function {hf_config.activation_function!r} is not a GELU implemented here")
+        variants = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
+        if any(getattr(hf_config, v, False) for v in variants) or not getattr(hf_config, "scale_attn_weights", True):
+            raise ValueError(f"GPT-2 attention variants ({', '.join(variants)}, unscaled) are not implemented")
+        fields = dict(
+            arch="gpt",
+            pre_layernorm=True,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.n_embd,
+            num_layers=hf_config.n_layer,
+            num_heads=hf_config.n_head,
+            intermediate_size=getattr(hf_config, "n_inner", None) or 4 * hf_config.n_embd,
+            max_position_embeddings=hf_config.n_positions,
+            hidden_dropout=hf_config.resid_pdrop,
+            attention_dropout=hf_config.attn_pdrop,
+            layer_norm_eps=hf_config.layer_norm_epsilon,
+            activation=_GPT2_ACT_BACK[hf_config.activation_function],
+            initializer_range=hf_config.initializer_range,
+        )
     else:
-        raise ValueError(f"unsupported Hugging Face model type {hf_config.model_type!r} (bert or openai-gpt)")
+        raise ValueError(f"unsupported Hugging Face model type {hf_config.model_type!r} (bert, openai-gpt or gpt2)")
     return ModelConfig(**{**fields, **overrides})
 
 
 def to_hf_model(model, **config_extra: Any):
-    """A Hugging Face ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel`` holding ``model``'s weights."""
-    from transformers import BertForPreTraining, OpenAIGPTLMHeadModel
+    """A Hugging Face ``BertForPreTraining`` / ``OpenAIGPTLMHeadModel`` / ``GPT2LMHeadModel`` holding ``model``'s
+    weights."""
+    from transformers import BertForPreTraining, GPT2LMHeadModel, OpenAIGPTLMHeadModel
 
     hf_config = to_hf_config(model.cfg, **config_extra)
-    cls = BertForPreTraining if model.cfg.arch == "bert" else OpenAIGPTLMHeadModel
+    classes = {"bert": BertForPreTraining, "openai-gpt": OpenAIGPTLMHeadModel, "gpt2": GPT2LMHeadModel}
+    cls = classes[hf_config.model_type]
     hf_model = cls(hf_config)
     hf_model.load_state_dict(to_hf_state_dict(model.cfg, model.state_dict()), strict=True)
     return hf_model.eval()
