@@ -12,7 +12,7 @@ DEMO_DIR ?= data_shards/demo
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-data demo-pretrain demo-finetune test test-slow test-all lint format bench venv clean-demo
+.PHONY: demo demo-data demo-pretrain demo-finetune transfer transfer-data transfer-pretrain test test-slow test-all lint format bench venv clean-demo
 
 venv: $(STAMP)
 
@@ -48,6 +48,35 @@ demo-finetune: $(STAMP)
 # A small BERT for a few minutes on CPU; re-running continues from its last checkpoint (--resume auto).
 demo-pretrain: $(STAMP)
 	$(PY) -m pipeline train --config configs/pretrain/demo.yaml
+
+# What pre-training buys, on the tasks in ../shared/data (about an hour on 2 CPU cores): a general corpus
+# (the bundled speeches and the training texts of the fine-tuning sets, never their dev splits), a tiny pre-LN
+# GPT on it, a second phase on each task's own texts, then benchmarks/transfer.py fine-tunes from both
+# checkpoints and from random initialisation with the same budget, over three seeds. README: "What pre-training buys".
+TRANSFER_DIR ?= data_shards/transfer
+TRANSFER_TASKS ?= spam movie-sentiment
+TRANSFER_CORPUS_TASKS ?= spam movie-sentiment vitaminc squad11 social-iqa
+TRANSFER_SEEDS ?= 1234,1,2
+transfer: transfer-data transfer-pretrain
+	$(PY) benchmarks/transfer.py --tasks $(shell echo $(TRANSFER_TASKS) | tr ' ' ,) --seeds $(TRANSFER_SEEDS) \
+		--start adapted=runs/transfer-adapt-{task} --start general=runs/transfer-general \
+		--keep runs/transfer-finetune --table -- --finetune.dropout 0.1 --finetune.pooling mean
+
+transfer-data: $(STAMP)
+	for t in $(TRANSFER_CORPUS_TASKS); do \
+		$(PY) -m pipeline unlabeled --config configs/finetune/$$t.yaml --output $(TRANSFER_DIR)/text/$$t.jsonl.gz || exit 1; done
+	$(PY) -m pipeline tokenizer --config configs/tokenizer/transfer.yaml --output $(TRANSFER_DIR)/tokenizer --overwrite
+	$(PY) -m pipeline shard --config configs/preprocess/transfer-gpt.yaml --tokenizer $(TRANSFER_DIR)/tokenizer \
+		--output $(TRANSFER_DIR)/shards-general --workers 2 --overwrite
+	for t in $(TRANSFER_TASKS); do \
+		$(PY) -m pipeline shard --config configs/preprocess/transfer-gpt.yaml --tokenizer $(TRANSFER_DIR)/tokenizer \
+			--input $(TRANSFER_DIR)/text/$$t.jsonl.gz --output $(TRANSFER_DIR)/shards-$$t --workers 2 --overwrite || exit 1; done
+
+transfer-pretrain: $(STAMP)
+	$(PY) -m pipeline train --config configs/pretrain/transfer-gpt.yaml
+	for t in $(TRANSFER_TASKS); do \
+		$(PY) -m pipeline train --config configs/pretrain/transfer-gpt-adapt.yaml --data.shards $(TRANSFER_DIR)/shards-$$t \
+			--train.output_dir runs/transfer-adapt-$$t || exit 1; done
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
