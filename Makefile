@@ -52,7 +52,8 @@ demo-pretrain: $(STAMP)
 # What pre-training buys, on the tasks in ../shared/data (about an hour on 2 CPU cores): a general corpus
 # (the bundled speeches and the training texts of the fine-tuning sets, never their dev splits), a tiny pre-LN
 # GPT on it, a second phase on each task's own texts, then benchmarks/transfer.py fine-tunes from both
-# checkpoints and from random initialisation with the same budget, over three seeds. README: "What pre-training buys".
+# checkpoints and from random initialisation with the same budget, over three seeds, with 2,400 labelled
+# examples and then with 300. README: "What pre-training buys".
 TRANSFER_DIR ?= data_shards/transfer
 TRANSFER_TASKS ?= spam movie-sentiment
 TRANSFER_CORPUS_TASKS ?= spam movie-sentiment vitaminc squad11 social-iqa
@@ -61,6 +62,9 @@ transfer: transfer-data transfer-pretrain
 	$(PY) benchmarks/transfer.py --tasks $(shell echo $(TRANSFER_TASKS) | tr ' ' ,) --seeds $(TRANSFER_SEEDS) \
 		--start adapted=runs/transfer-adapt-{task} --start general=runs/transfer-general \
 		--keep runs/transfer-finetune --table -- --finetune.dropout 0.1 --finetune.pooling mean
+	$(PY) benchmarks/transfer.py --tasks $(shell echo $(TRANSFER_TASKS) | tr ' ' ,) --seeds $(TRANSFER_SEEDS) \
+		--train-examples 300 --epochs 10 --start adapted=runs/transfer-adapt-{task} \
+		--keep runs/transfer-finetune-300 --table -- --finetune.dropout 0.1 --finetune.pooling mean
 
 transfer-data: $(STAMP)
 	for t in $(TRANSFER_CORPUS_TASKS); do \

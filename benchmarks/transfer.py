@@ -45,6 +45,7 @@ def finetune(task: str, checkpoint: str, weights: str, seed: int, args: argparse
         "--tracking.enabled", "false", "--train.loss_curve", "false", *args.extra,
     ]  # fmt: skip
     env = {**os.environ, "PIPELINE_PROGRESS": "0"}
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: never resume a kept one from an earlier call
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
