@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -29,8 +28,6 @@ from pathlib import Path
 from pipeline.config import add_config_arguments, config_from_args
 from pipeline.errors import UserError
 from pipeline.finetune.config import FinetuneJobConfig
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -88,11 +88,12 @@ _BERT_TOP = {
 _GPT_LAYER = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "norm1": "ln_1", "fc": "mlp.c_fc"}
 _GPT_LAYER.update({"proj": "mlp.c_proj", "norm2": "ln_2"})
 _GPT_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-# Embedding and final-norm names: GPT-1's, GPT-2's (the per-layer names are the same in both).
-_GPT_TOP = {"word": "transformer.tokens_embed.weight", "position": "transformer.positions_embed.weight"}
-_GPT2_TOP = {"word": "transformer.wte.weight", "position": "transformer.wpe.weight"}
-_GPT2_FINAL_NORM = {"transformer.final_norm.weight": "transformer.ln_f.weight"}
-_GPT2_FINAL_NORM["transformer.final_norm.bias"] = "transformer.ln_f.bias"
+# Names outside the layers, ours -> theirs: GPT-1's, GPT-2's (whose final ln_f pre-LN adds); the word
+# embedding (padded, and tied to lm_head) is handled apart. The per-layer names are the same in both.
+_GPT_WORD = {False: "transformer.tokens_embed.weight", True: "transformer.wte.weight"}
+_GPT_TOP = {False: {"transformer.embeddings.position.weight": "transformer.positions_embed.weight"}}
+_GPT_TOP[True] = {"transformer.embeddings.position.weight": "transformer.wpe.weight"}
+_GPT_TOP[True].update({f"transformer.final_norm.{p}": f"transformer.ln_f.{p}" for p in ("weight", "bias")})
 
 
 def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -117,13 +118,10 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[st
                 for ours, theirs in _BERT_LAYER.items():
                     out[f"{dst}{theirs}.{part}"] = sd[f"{src}{ours}.{part}"]
     else:
-        top = _GPT2_TOP if is_gpt2(cfg) else _GPT_TOP
-        out[top["word"]] = word
+        out[_GPT_WORD[is_gpt2(cfg)]] = word
         out["lm_head.weight"] = word
-        out[top["position"]] = sd["transformer.embeddings.position.weight"]
-        if is_gpt2(cfg):
-            for ours, theirs in _GPT2_FINAL_NORM.items():
-                out[theirs] = sd[ours]
+        for ours, theirs in _GPT_TOP[is_gpt2(cfg)].items():
+            out[theirs] = sd[ours]
         for i in range(cfg.num_layers):
             src, dst = f"transformer.layers.{i}.", f"transformer.h.{i}."
             for ours, theirs in _GPT_LAYER.items():
@@ -150,12 +148,9 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state_dict: dict[str, Tensor]) -> di
                 for ours, theirs in _BERT_LAYER.items():
                     out[f"{dst}{ours}.{part}"] = sd[f"{src}{theirs}.{part}"]
     else:
-        top = _GPT2_TOP if is_gpt2(cfg) else _GPT_TOP
-        out["transformer.embeddings.word.weight"] = _pad(sd[top["word"]], cfg)
-        out["transformer.embeddings.position.weight"] = sd[top["position"]]
-        if is_gpt2(cfg):
-            for ours, theirs in _GPT2_FINAL_NORM.items():
-                out[ours] = sd[theirs]
+        out["transformer.embeddings.word.weight"] = _pad(sd[_GPT_WORD[is_gpt2(cfg)]], cfg)
+        for ours, theirs in _GPT_TOP[is_gpt2(cfg)].items():
+            out[ours] = sd[theirs]
         for i in range(cfg.num_layers):
             src, dst = f"transformer.h.{i}.", f"transformer.layers.{i}."
             for ours, theirs in _GPT_LAYER.items():
@@ -186,40 +181,32 @@ def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
             layer_norm_eps=cfg.layer_norm_eps,
             pad_token_id=0,  # pipeline.tokenizer.special: [PAD] is always id 0
         )
-    if is_gpt2(cfg):
-        return dict(
-            model_type="gpt2",
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.max_position_embeddings,
-            n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_heads,
-            n_inner=cfg.intermediate_size,
-            activation_function=_GPT2_ACT[cfg.activation],
-            resid_pdrop=cfg.hidden_dropout,
-            embd_pdrop=cfg.hidden_dropout,
-            attn_pdrop=cfg.attention_dropout,
-            layer_norm_epsilon=cfg.layer_norm_eps,
-            initializer_range=cfg.initializer_range,
-            # GPT2Config defaults to GPT-2's own 50256, outside this vocabulary: generation starts at [START]
-            # and ends where pre-training ended documents, at [EOD] (pipeline.tokenizer.special).
-            bos_token_id=SPECIAL_IDS.start,
-            eos_token_id=SPECIAL_IDS.eod,
-        )
-    return dict(
-        model_type="openai-gpt",
+    # GPT-1 and GPT-2 configs share these names; each adds its own activation (and GPT-2 its MLP width).
+    gpt = dict(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_position_embeddings,
         n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers,
         n_head=cfg.num_heads,
-        afn="gelu",  # OpenAIGPT's "gelu" is gelu_new, the tanh approximation GPT-1 used
         resid_pdrop=cfg.hidden_dropout,
         embd_pdrop=cfg.hidden_dropout,
         attn_pdrop=cfg.attention_dropout,
         layer_norm_epsilon=cfg.layer_norm_eps,
         initializer_range=cfg.initializer_range,
     )
+    if is_gpt2(cfg):
+        return dict(
+            model_type="gpt2",
+            **gpt,
+            n_inner=cfg.intermediate_size,
+            activation_function=_GPT2_ACT[cfg.activation],
+            # GPT2Config defaults to GPT-2's own 50256, outside this vocabulary: generation starts at [START]
+            # and ends where pre-training ended documents, at [EOD] (pipeline.tokenizer.special).
+            bos_token_id=SPECIAL_IDS.start,
+            eos_token_id=SPECIAL_IDS.eod,
+        )
+    # OpenAIGPT's "gelu" is gelu_new, the tanh approximation GPT-1 used
+    return dict(model_type="openai-gpt", **gpt, afn="gelu")
 
 
 def to_hf_config(cfg: ModelConfig, **extra: Any):
@@ -240,8 +227,25 @@ def to_hf_config(cfg: ModelConfig, **extra: Any):
     return OpenAIGPTConfig(**fields, **extra)
 
 
+def _gpt_fields(hf_config) -> dict[str, Any]:
+    """The ``ModelConfig`` fields that GPT-1's and GPT-2's configs spell alike."""
+    return dict(
+        arch="gpt",
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.n_embd,
+        num_layers=hf_config.n_layer,
+        num_heads=hf_config.n_head,
+        max_position_embeddings=hf_config.n_positions,
+        hidden_dropout=hf_config.resid_pdrop,
+        attention_dropout=hf_config.attn_pdrop,
+        layer_norm_eps=hf_config.layer_norm_epsilon,
+        initializer_range=hf_config.initializer_range,
+    )
+
+
 def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
-    """A ``ModelConfig`` from a ``BertConfig`` or ``OpenAIGPTConfig`` (``overrides`` for fields like ``fused``)."""
+    """A ``ModelConfig`` from a ``BertConfig``, ``OpenAIGPTConfig`` or ``GPT2Config`` (``overrides`` for fields
+    like ``fused``)."""
     if hf_config.model_type == "bert":
         if hf_config.hidden_act not in _BERT_ACT_BACK:
             raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not a GELU this model implements")
@@ -263,20 +267,7 @@ def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
     elif hf_config.model_type == "openai-gpt":
         if hf_config.afn != "gelu":
             raise ValueError(f"afn {hf_config.afn!r}: only OpenAIGPT's 'gelu' (tanh approximation) is implemented")
-        fields = dict(
-            arch="gpt",
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.n_embd,
-            num_layers=hf_config.n_layer,
-            num_heads=hf_config.n_head,
-            intermediate_size=4 * hf_config.n_embd,
-            max_position_embeddings=hf_config.n_positions,
-            hidden_dropout=hf_config.resid_pdrop,
-            attention_dropout=hf_config.attn_pdrop,
-            layer_norm_eps=hf_config.layer_norm_epsilon,
-            activation="gelu_tanh",
-            initializer_range=hf_config.initializer_range,
-        )
+        fields = dict(**_gpt_fields(hf_config), intermediate_size=4 * hf_config.n_embd, activation="gelu_tanh")
     elif hf_config.model_type == "gpt2":
         if hf_config.activation_function not in _GPT2_ACT_BACK:
             raise ValueError(f"activation_function {hf_config.activation_function!r} is not a GELU implemented here")
@@ -284,19 +275,10 @@ def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
         if any(getattr(hf_config, v, False) for v in variants) or not getattr(hf_config, "scale_attn_weights", True):
             raise ValueError(f"GPT-2 attention variants ({', '.join(variants)}, unscaled) are not implemented")
         fields = dict(
-            arch="gpt",
+            **_gpt_fields(hf_config),
             pre_layernorm=True,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.n_embd,
-            num_layers=hf_config.n_layer,
-            num_heads=hf_config.n_head,
             intermediate_size=getattr(hf_config, "n_inner", None) or 4 * hf_config.n_embd,
-            max_position_embeddings=hf_config.n_positions,
-            hidden_dropout=hf_config.resid_pdrop,
-            attention_dropout=hf_config.attn_pdrop,
-            layer_norm_eps=hf_config.layer_norm_epsilon,
             activation=_GPT2_ACT_BACK[hf_config.activation_function],
-            initializer_range=hf_config.initializer_range,
         )
     else:
         raise ValueError(f"unsupported Hugging Face model type {hf_config.model_type!r} (bert, openai-gpt or gpt2)")
