@@ -69,6 +69,12 @@ def wait_job(job_id: str, log: Path, timeout: float = 900) -> dict[str, str]:
         time.sleep(1)
 
 
+def node_state() -> str:
+    """The first node's state as sinfo names it (idle, mixed, allocated, completing, ...)."""
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
+    return proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
+
+
 def tail(path: Path, chars: int = 6000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} does not exist)"
 
@@ -131,11 +137,18 @@ def test_pretraining_job_is_preempted_requeued_and_resumed(slurm_cluster, shards
             time.sleep(0.5)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
-        # The job requeues itself. SLURM holds a requeued job for about two minutes (BeginTime); release it now.
+        # The job requeues itself. SLURM holds a requeued job for about two minutes (BeginTime); release it
+        # sooner, but not at once: slurmd revokes the old start's credential with one-second resolution, and a
+        # start within that second is killed ("Job credential revoked", exit 1). Wait for the node to finish
+        # cleaning up, then two seconds more.
         deadline = time.time() + 600
         while True:
             info = job_info(job_id)
             if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
+                while node_state().startswith("completing"):
+                    assert time.time() < deadline, f"node still completing job {job_id}:\n{tail(log)}"
+                    time.sleep(0.5)
+                time.sleep(2)
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
                 break
             assert info.get("JobState") in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), f"{info}\n{tail(log)}"
