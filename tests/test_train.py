@@ -12,6 +12,9 @@ from train_helpers import build_shards, kill_group, losses, start_train, train_a
 
 GOLDEN = REPO / "tests" / "golden" / "debug_bert_losses.json"
 STEPS = 16
+# The default tier keeps the core (outputs, golden curve, exact resume, refused configs, NaN skips); the
+# rest (one or two more CLI runs each, ~15-35 s on a 2-core runner) is marked slow so that the default
+# tier stays well under CI's 15 minutes. CI runs both tiers.
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,7 @@ def test_configs_that_cannot_work_fail_before_training(bert_shards, small_tokeni
     assert not (tmp_path / "never" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_that_differs_from_the_shards_is_refused(bert_shards, tmp_path):
     other = tmp_path / "tok2"
     run_cli("tokenizer", "--input", str(REPO / "data_shards/demo_corpus/sotu_1900-2021.jsonl.gz"),
@@ -110,6 +114,7 @@ def test_tokenizer_that_differs_from_the_shards_is_refused(bert_shards, tmp_path
     assert proc.returncode == 2 and "sha256" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_warns_and_training_continues(bert_shards, tmp_path):
     out = tmp_path / "notrack"
     proc = run_cli(*train_args(bert_shards, out, "--train.max_steps", "2", "--tracking-uri", "http://127.0.0.1:9"))
@@ -117,6 +122,7 @@ def test_unreachable_tracking_server_warns_and_training_continues(bert_shards, t
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 2
 
 
+@pytest.mark.slow
 def test_gpt_pretraining(tmp_path, small_tokenizer):
     shards = build_shards(tmp_path / "gpt", small_tokenizer, "gpt")
     out = tmp_path / "run"
@@ -148,6 +154,7 @@ def run_cli_script(script: Path, *args: str):
     return proc
 
 
+@pytest.mark.slow
 def test_phase_two_starts_from_phase_one_weights_with_a_fresh_schedule(reference_run, small_tokenizer, tmp_path):
     """BERT's recipe: phase 2 (longer sequences) loads phase 1's weights, not its optimizer or step count."""
     phase1, _ = reference_run
@@ -164,6 +171,7 @@ def test_phase_two_starts_from_phase_one_weights_with_a_fresh_schedule(reference
     assert warm_records[0]["loss"] < cold_records[0]["loss"] - 0.05  # but trained weights
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_losses(bert_shards, tmp_path):
     common = ["--train.max_steps", "3", "--tracking.enabled", "false", "--checkpoint.every_steps", "0"]
     run_cli(*train_args(bert_shards, tmp_path / "plain", *common))
@@ -173,6 +181,7 @@ def test_activation_checkpointing_gives_the_same_losses(bert_shards, tmp_path):
         assert recomputed[step] == pytest.approx(plain[step], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_unpublished_checkpoint_is_ignored_and_cleaned_up(reference_run, bert_shards, tmp_path):
     """What a crash during a save leaves (a tag without checkpoint.json, `latest` not moved) is never loaded."""
     import shutil
