@@ -45,16 +45,25 @@ def inputs():
     return {"texts": texts, "pairs": pairs}
 
 
+class Exports(dict):
+    """arch -> (pre-training run, its export, what export printed), each built on first use: the default tier
+    needs BERT and GPT-1 only (their runs are shared with the fine-tuning tests), GPT-2 is slow-tier."""
+
+    def __init__(self, tmp_path_factory, tokenizer: Path):
+        super().__init__()
+        self.factory, self.tokenizer = tmp_path_factory, tokenizer
+
+    def __missing__(self, arch: str):
+        run = pretrained_run(self.factory.getbasetemp() / "ft-pretrained", self.tokenizer, arch)
+        target = self.factory.mktemp("export") / arch
+        proc = run_cli("export", "--checkpoint", str(run), "--output", str(target))
+        self[arch] = (run, target, json.loads(proc.stdout.strip().splitlines()[-1]))
+        return self[arch]
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, small_tokenizer):
-    root = tmp_path_factory.getbasetemp() / "ft-pretrained"
-    out = {}
-    for arch in ("bert", "gpt", "gpt2"):
-        run = pretrained_run(root, small_tokenizer, arch)
-        target = tmp_path_factory.mktemp("export") / arch
-        proc = run_cli("export", "--checkpoint", str(run), "--output", str(target))
-        out[arch] = (run, target, json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    return Exports(tmp_path_factory, small_tokenizer)
 
 
 def ours(run: Path, arch: str, tokenizer: Tokenizer, spec: dict) -> dict:
@@ -97,7 +106,7 @@ def compare(hf: dict, mine: dict, arch: str) -> None:
     assert torch.tensor(hf["models"]["sequence_classification"]["logits"]).shape == (len(ids), 2)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "gpt", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_export_loads_in_transformers_5_with_our_ids_and_logits(exports, inputs, small_tokenizer, arch):
     run, export, _ = exports[arch]
     hf = check(str(export), inputs["texts"], inputs["pairs"])

@@ -73,6 +73,7 @@ def test_classification_bert_movie_snippets_with_mlflow_and_report(data, bert, t
     assert {"report.json", "confusion_matrix.png", "lineage.json", "best.json", "config.yaml"} <= artifacts
 
 
+@pytest.mark.slow
 def test_classification_bert_spam_mails_from_the_archive_layout(data, bert, tmp_path):
     directory = spam_dir(data, tmp_path / "spam", per_class=12)
     _, report = finetune("spam", bert, tmp_path / "run", "--data.train.path", str(directory),
@@ -128,7 +129,7 @@ def test_squad11_bert_with_doc_stride_and_a_bad_answer_offset(data, bert, tmp_pa
     assert len(best["predictions"]) == report["dev_examples"] and best["nbest"]
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", pytest.param("gpt", marks=pytest.mark.slow)])
 def test_squad20_emulated_unanswerable_questions(data, bert, gpt, tmp_path, arch):
     path = squad_slice(data, tmp_path / "squad.json", articles=4, paragraphs=2, questions=4)
     out = tmp_path / "run"
