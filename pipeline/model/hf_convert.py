@@ -35,6 +35,42 @@ _GPT2_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 _GPT2_ACT_BACK = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+# Config fields that map one to one, Hugging Face's name -> ours; read in both directions (export and import).
+_BERT_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "hidden_dropout_prob": "hidden_dropout",
+    "attention_probs_dropout_prob": "attention_dropout",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "initializer_range": "initializer_range",
+    "layer_norm_eps": "layer_norm_eps",
+}
+# GPT-1's and GPT-2's configs spell these alike.
+_GPT_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "max_position_embeddings",
+    "n_embd": "hidden_size",
+    "n_layer": "num_layers",
+    "n_head": "num_heads",
+    "resid_pdrop": "hidden_dropout",
+    "attn_pdrop": "attention_dropout",
+    "layer_norm_epsilon": "layer_norm_eps",
+    "initializer_range": "initializer_range",
+}
+
+
+def _theirs(cfg: ModelConfig, names: dict[str, str]) -> dict[str, Any]:
+    return {theirs: getattr(cfg, ours) for theirs, ours in names.items()}
+
+
+def _ours(hf_config, names: dict[str, str]) -> dict[str, Any]:
+    return {ours: getattr(hf_config, theirs) for theirs, ours in names.items()}
+
+
 def is_gpt2(cfg: ModelConfig) -> bool:
     """A pre-LN GPT: exported as Hugging Face GPT-2."""
     return cfg.arch == "gpt" and cfg.pre_layernorm
@@ -167,33 +203,12 @@ def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.arch == "bert":
         return dict(
             model_type="bert",
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
+            **_theirs(cfg, _BERT_FIELDS),
             hidden_act=_BERT_ACT[cfg.activation],
-            hidden_dropout_prob=cfg.hidden_dropout,
-            attention_probs_dropout_prob=cfg.attention_dropout,
-            max_position_embeddings=cfg.max_position_embeddings,
-            type_vocab_size=cfg.type_vocab_size,
-            initializer_range=cfg.initializer_range,
-            layer_norm_eps=cfg.layer_norm_eps,
             pad_token_id=0,  # pipeline.tokenizer.special: [PAD] is always id 0
         )
-    # GPT-1 and GPT-2 configs share these names; each adds its own activation (and GPT-2 its MLP width).
-    gpt = dict(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_position_embeddings,
-        n_embd=cfg.hidden_size,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        resid_pdrop=cfg.hidden_dropout,
-        embd_pdrop=cfg.hidden_dropout,
-        attn_pdrop=cfg.attention_dropout,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        initializer_range=cfg.initializer_range,
-    )
+    # Each GPT adds its own activation (and GPT-2 its MLP width); our one dropout also drops the embeddings.
+    gpt = dict(**_theirs(cfg, _GPT_FIELDS), embd_pdrop=cfg.hidden_dropout)
     if is_gpt2(cfg):
         return dict(
             model_type="gpt2",
@@ -227,47 +242,19 @@ def to_hf_config(cfg: ModelConfig, **extra: Any):
     return OpenAIGPTConfig(**fields, **extra)
 
 
-def _gpt_fields(hf_config) -> dict[str, Any]:
-    """The ``ModelConfig`` fields that GPT-1's and GPT-2's configs spell alike."""
-    return dict(
-        arch="gpt",
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.n_embd,
-        num_layers=hf_config.n_layer,
-        num_heads=hf_config.n_head,
-        max_position_embeddings=hf_config.n_positions,
-        hidden_dropout=hf_config.resid_pdrop,
-        attention_dropout=hf_config.attn_pdrop,
-        layer_norm_eps=hf_config.layer_norm_epsilon,
-        initializer_range=hf_config.initializer_range,
-    )
-
-
 def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
     """A ``ModelConfig`` from a ``BertConfig``, ``OpenAIGPTConfig`` or ``GPT2Config`` (``overrides`` for fields
     like ``fused``)."""
     if hf_config.model_type == "bert":
         if hf_config.hidden_act not in _BERT_ACT_BACK:
             raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not a GELU this model implements")
-        fields = dict(
-            arch="bert",
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            type_vocab_size=hf_config.type_vocab_size,
-            hidden_dropout=hf_config.hidden_dropout_prob,
-            attention_dropout=hf_config.attention_probs_dropout_prob,
-            layer_norm_eps=hf_config.layer_norm_eps,
-            activation=_BERT_ACT_BACK[hf_config.hidden_act],
-            initializer_range=hf_config.initializer_range,
-        )
+        fields = dict(arch="bert", **_ours(hf_config, _BERT_FIELDS), activation=_BERT_ACT_BACK[hf_config.hidden_act])
     elif hf_config.model_type == "openai-gpt":
         if hf_config.afn != "gelu":
             raise ValueError(f"afn {hf_config.afn!r}: only OpenAIGPT's 'gelu' (tanh approximation) is implemented")
-        fields = dict(**_gpt_fields(hf_config), intermediate_size=4 * hf_config.n_embd, activation="gelu_tanh")
+        fields = dict(
+            arch="gpt", **_ours(hf_config, _GPT_FIELDS), intermediate_size=4 * hf_config.n_embd, activation="gelu_tanh"
+        )
     elif hf_config.model_type == "gpt2":
         if hf_config.activation_function not in _GPT2_ACT_BACK:
             raise ValueError(f"activation_function {hf_config.activation_function!r} is not a GELU implemented here")
@@ -275,7 +262,8 @@ def from_hf_config(hf_config, **overrides: Any) -> ModelConfig:
         if any(getattr(hf_config, v, False) for v in variants) or not getattr(hf_config, "scale_attn_weights", True):
             raise ValueError(f"GPT-2 attention variants ({', '.join(variants)}, unscaled) are not implemented")
         fields = dict(
-            **_gpt_fields(hf_config),
+            arch="gpt",
+            **_ours(hf_config, _GPT_FIELDS),
             pre_layernorm=True,
             intermediate_size=getattr(hf_config, "n_inner", None) or 4 * hf_config.n_embd,
             activation=_GPT2_ACT_BACK[hf_config.activation_function],
