@@ -24,11 +24,17 @@ from train_helpers import build_shards, losses
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def cluster_answers() -> bool:
+def node_state() -> str:
+    """The first node's state as sinfo names it (idle, mixed, allocated, completing, ...); "" if none answers."""
     if shutil.which("sinfo") is None:
-        return False
+        return ""
     proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return proc.returncode == 0 and re.match(r"(idle|mixed|allocated|completing)", proc.stdout.strip()) is not None
+    lines = proc.stdout.strip().splitlines() if proc.returncode == 0 else []
+    return lines[0] if lines else ""
+
+
+def cluster_answers() -> bool:
+    return re.match(r"(idle|mixed|allocated|completing)", node_state()) is not None
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +73,6 @@ def wait_job(job_id: str, log: Path, timeout: float = 900) -> dict[str, str]:
             subprocess.run(["scancel", job_id])
             raise AssertionError(f"job {job_id} still {info.get('JobState')} after {timeout} s:\n{tail(log)}")
         time.sleep(1)
-
-
-def node_state() -> str:
-    """The first node's state as sinfo names it (idle, mixed, allocated, completing, ...)."""
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
-    return proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
 
 
 def tail(path: Path, chars: int = 6000) -> str:
