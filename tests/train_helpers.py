@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import torch
 from conftest import DEMO_CORPUS, REPO, run_cli
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def build_shards(out: Path, tokenizer: Path, objective: str, seq_len: int = 64) -> Path:
@@ -88,3 +90,40 @@ def train_in_process(shards: Path, out: Path, overrides: dict, dist_info, task_f
         return run_training(task, dist_info, train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
                             checkpoint=cfg.checkpoint, tracking=cfg.tracking, deepspeed_json=ds_json,
                             full_config=cfg)  # fmt: skip
+
+
+aten = torch.ops.aten
+# Operators that make the host wait for the device on a GPU: a scalar read, or an output whose size is data.
+HOST_SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operator that would wait for the device, and markers the test places between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[str, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bool_index = func is aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        if func in HOST_SYNC_OPS or bool_index:
+            self.events.append(("sync", str(func)))
+        return func(*args, **kwargs)
+
+    def mark(self, what) -> None:
+        self.events.append(("mark", what))
+
+    def between_marks(self) -> dict[object, list[str]]:
+        """Sync operators after each mark, up to the next mark."""
+        out: dict[object, list[str]] = {}
+        current = None
+        for kind, what in self.events:
+            if kind == "mark":
+                current = what
+                out[current] = []
+            elif current is not None:
+                out[current].append(what)
+        return out

@@ -40,10 +40,6 @@ def preflight(cfg: TrainJobConfig, world_size: int, cuda: bool) -> None:
 
         if not torch.cuda.is_bf16_supported():
             raise UserError("train.precision bf16 is not supported by this GPU; use fp16")
-    if cfg.optim.name == "lamb" and cfg.train.zero_stage == 3:
-        raise UserError("LAMB with ZeRO stage 3 is not supported (per-parameter trust ratios); use stage 1 or 2")
-    if cfg.optim.name == "lamb" and cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
-        raise UserError("LAMB with bf16 needs ZeRO stage 1 or 2 (DeepSpeed's bf16 optimizer flattens parameters)")
 
 
 def run(args: argparse.Namespace) -> int:

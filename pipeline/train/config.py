@@ -18,18 +18,27 @@ from pipeline.model.config import ModelConfig
 
 @dataclass
 class OptimConfig:
-    """Optimizer: LAMB (the large-batch BERT recipe) or AdamW."""
+    """Optimizer: LAMB (the large-batch BERT recipe) or AdamW. Biases and LayerNorm never get weight decay."""
 
     name: Literal["lamb", "adamw"] = option("lamb", "lamb: layer-wise trust ratios for large batches; adamw")
     lr: float = option(1e-3, "peak learning rate (after warmup)")
     betas: list[float] = option([0.9, 0.999], "Adam/LAMB moment coefficients")
     eps: float = option(1e-6, "denominator epsilon")
-    weight_decay: float = option(0.01, "decoupled weight decay; never applied to biases and LayerNorm weights")
+    weight_decay: float = option(
+        0.01, "decoupled weight decay (0 = none; with LAMB the trust ratio stays, see layer_adaptation)"
+    )
+    layer_adaptation: Literal["weights", "all", "none"] = option(
+        "weights",
+        "LAMB: which parameters get the trust ratio ||w|| / ||update||, independently of weight decay. weights: "
+        "matrices and embeddings, not biases and LayerNorm (Google's and NVIDIA's BERT LAMB); all: every "
+        "parameter (the paper's algorithm as written); none: no layer adaptation (Adam with decoupled decay)",
+    )
     max_trust_ratio: float = option(10.0, "LAMB: clamp of the per-parameter trust ratio ||w|| / ||update||")
     fused: Literal["auto", "deepspeed", "torch"] = option(
         "auto",
-        "auto: DeepSpeed's fused kernels where they are correct (GPU; LAMB only without ZeRO partitioning), "
-        "else this project's torch implementation",
+        "AdamW's kernel: auto = torch's fused AdamW on a GPU (no build step), its multi-tensor one on CPU; torch "
+        "= the multi-tensor one everywhere; deepspeed = DeepSpeed's FusedAdam (JIT-compiled at start-up). "
+        "LAMB is always this project's multi-tensor LAMB (pipeline/train/lamb.py), the same maths on every path",
     )
 
     def __post_init__(self) -> None:
@@ -39,6 +48,16 @@ class OptimConfig:
             raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.eps <= 0:
             raise ValueError("optim.weight_decay must be >= 0 and optim.eps > 0")
+        if self.max_trust_ratio <= 0:
+            raise ValueError(f"optim.max_trust_ratio must be > 0, got {self.max_trust_ratio}")
+        if self.name == "adamw" and self.layer_adaptation != "weights":
+            raise ValueError(f"optim.layer_adaptation={self.layer_adaptation} is a LAMB option; optim.name is adamw")
+        if self.name == "lamb" and self.fused == "deepspeed":
+            raise ValueError(
+                "optim.fused=deepspeed with LAMB: DeepSpeed's FusedLamb is another recipe (trust ratio on biases "
+                "and LayerNorm, clamped to [0.01, 10], from uncorrected moments); LAMB always runs this project's "
+                "implementation, so use optim.fused=auto"
+            )
 
 
 @dataclass

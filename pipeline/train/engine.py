@@ -61,12 +61,21 @@ def is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: dict[str, float] | None = None,
+    layer_adaptation: str = "weights",
+) -> list[dict]:
     """Decay / no-decay groups, optionally split further by a per-module lr multiplier.
 
     ``lr_scale`` maps a parameter-name prefix to a multiplier of the peak lr (fine-tuning: a smaller rate for
-    the pre-trained body than for the new head); the first matching prefix wins, the default is 1.
+    the pre-trained body than for the new head); the first matching prefix wins, the default is 1. Each group
+    also says whether LAMB adapts it (``layer_adaptation``: ``weights`` = the decayed kind, biases and LayerNorm
+    excluded; ``all``; ``none``), whatever its weight decay; AdamW ignores the key.
     """
+    if layer_adaptation not in ("weights", "all", "none"):
+        raise ValueError(f"layer_adaptation must be weights, all or none, got {layer_adaptation!r}")
     groups: dict[tuple[float, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -79,7 +88,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
         no_decay = is_no_decay(name, p)
         key = (scale, no_decay)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+            adapt = layer_adaptation == "all" or (layer_adaptation == "weights" and not no_decay)
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale,
+                           "layer_adaptation": adapt}  # fmt: skip
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
 
@@ -119,7 +130,8 @@ class NonFiniteGuard(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for g in self.inner.param_groups for p in g["params"] if p.grad is not None]
-        finite = all(torch.isfinite(n) for n in torch._foreach_norm(grads)) if grads else True
+        # One host read for all gradients (what DeepSpeed's own overflow check costs on the other paths).
+        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
         self.last_skipped = not finite
         if not finite:
             self.skipped += 1
@@ -130,34 +142,24 @@ class NonFiniteGuard(torch.optim.Optimizer):
 def build_optimizer(groups: list[dict], optim: OptimConfig, train: TrainConfig, device: torch.device):
     """The client optimizer handed to DeepSpeed (always ours, so the choice is explicit and testable).
 
-    - AdamW: DeepSpeed's FusedAdam on GPU; ``torch.optim.AdamW`` on CPU (DeepSpeed's CPU build of FusedAdam is a
-      JIT-compiled C++ op that costs ~40 s at start-up for no gain at our sizes).
-    - LAMB: DeepSpeed's FusedLamb on GPU where its per-tensor norms are right (no ZeRO partitioning, i.e. stage 0
-      without bf16); otherwise this project's ``Lamb``, which handles ZeRO's flat partitions.
+    - LAMB: this project's ``Lamb`` on every path (ZeRO 0-3, fp32/bf16/fp16, CPU/GPU); ``initialize`` gives it
+      the layout of ZeRO's flat partitions, so trust ratios stay per parameter.
+    - AdamW: ``torch.optim.AdamW``, with torch's fused kernel on a GPU (``optim.fused: auto``; no JIT build),
+      or DeepSpeed's FusedAdam (``optim.fused: deepspeed``; a C++/CUDA op JIT-compiled at start-up).
     """
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
     cuda = device.type == "cuda"
-    use_ds = optim.fused in ("auto", "deepspeed") and cuda
     if optim.name == "adamw":
-        if use_ds:
+        if optim.fused == "deepspeed":
             from deepspeed.ops.adam import FusedAdam
 
             opt = FusedAdam(groups, adam_w_mode=True, weight_decay=optim.weight_decay, **kwargs)
         else:
-            opt = torch.optim.AdamW(groups, weight_decay=optim.weight_decay, **kwargs)
+            fused = cuda and optim.fused == "auto"
+            opt = torch.optim.AdamW(groups, weight_decay=optim.weight_decay, fused=fused or None,
+                                    foreach=None if fused else True, **kwargs)  # fmt: skip
     else:
-        flat = train.zero_stage >= 1 or train.precision == "bf16"
-        if optim.fused == "deepspeed" and (not cuda or flat):
-            raise UserError(
-                "optim.fused=deepspeed: DeepSpeed's FusedLamb needs a GPU and computes trust ratios over ZeRO's "
-                "flattened partitions (stage >= 1 or bf16), which changes the LAMB recipe; use optim.fused=auto"
-            )
-        if use_ds and not flat:
-            from deepspeed.ops.lamb import FusedLamb
-
-            opt = FusedLamb(groups, weight_decay=optim.weight_decay, max_coeff=optim.max_trust_ratio, **kwargs)
-        else:
-            opt = Lamb(groups, weight_decay=optim.weight_decay, max_trust_ratio=optim.max_trust_ratio, **kwargs)
+        opt = Lamb(groups, weight_decay=optim.weight_decay, max_trust_ratio=optim.max_trust_ratio, **kwargs)
     if train.zero_stage == 0 and train.precision == "fp32":
         return NonFiniteGuard(opt)
     return opt
@@ -190,7 +192,37 @@ def initialize(model: nn.Module, optimizer, ds_config: dict):
 
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     inner = getattr(ds_optimizer, "optimizer", None)
-    if isinstance(inner, Lamb) and hasattr(ds_optimizer, "round_robin_bit16_groups"):  # ZeRO stage 1/2
-        for index, layout in zero_partition_layouts(ds_optimizer).items():
-            inner.set_partition_layout(index, layout)
+    _undo_state_init_step(ds_optimizer, inner)
+    if isinstance(inner, Lamb):
+        if hasattr(ds_optimizer, "round_robin_bit16_groups") or hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):
+            for flat, layout in zero_partition_layouts(ds_optimizer):
+                inner.set_partition_layout(flat, layout)
+        elif hasattr(ds_optimizer, "fp32_groups_flat_partition"):  # DeepSpeed's BF16_Optimizer
+            raise UserError(
+                "LAMB under DeepSpeed's BF16_Optimizer (bf16, ZeRO 1, fp32 gradient accumulation): its flat "
+                "partitions have no per-parameter layout here; use ZeRO stage 2, or bf16 gradient accumulation"
+            )
     return engine, ds_optimizer
+
+
+def _undo_state_init_step(ds_optimizer, inner) -> None:
+    """Take back the step DeepSpeed's fp16/bf16 wrappers at ZeRO 0 take at construction.
+
+    ``FP16_Optimizer`` and ``FP16_UnfusedOptimizer`` create the optimizer's state by calling ``step()`` with
+    zero gradients. For any optimizer with weight decay that is a real update of the fp32 masters (with LAMB
+    a decay-only update scaled by a trust ratio of 1 / weight_decay, clamped: a 0.5% shrink at lr 0.05), and
+    it adds one to every bias correction, so the first real step is not the first step. The module's weights
+    (from which the masters were copied) are untouched by it: copy them back and forget the state.
+    """
+    name = type(ds_optimizer).__name__
+    if name == "FP16_UnfusedOptimizer":
+        pairs = [pair for hps, lps in zip(ds_optimizer.fp32_groups, ds_optimizer.fp16_groups, strict=True)
+                 for pair in zip(hps, lps, strict=True)]  # fmt: skip
+    elif name == "FP16_Optimizer":
+        pairs = list(zip(ds_optimizer.fp32_groups_flat, ds_optimizer.fp16_groups_flat, strict=True))
+    else:
+        return
+    with torch.no_grad():
+        for master, weight in pairs:
+            master.copy_(weight)
+    inner.state.clear()

@@ -119,8 +119,8 @@ def build_engine(task: Task, dist_info: DistInfo, train: TrainConfig, optim: Opt
     """The task's model wrapped by DeepSpeed with our optimizer: ``(engine, DeepSpeed's optimizer)``."""
     torch.manual_seed(train.seed)
     model = task.build_model()
-    optimizer = build_optimizer(param_groups(model, optim.weight_decay, task.lr_scale()), optim, train,
-                                dist_info.device)  # fmt: skip
+    groups = param_groups(model, optim.weight_decay, task.lr_scale(), optim.layer_adaptation)
+    optimizer = build_optimizer(groups, optim, train, dist_info.device)
     ds_config = deepspeed_config(deepspeed_json, train, dist_info.world_size, load_universal=universal)
     return initialize(model, optimizer, ds_config)
 

@@ -1,85 +1,32 @@
-"""LAMB under DeepSpeed ZeRO-2 on 2 ranks against a per-parameter LAMB in plain torch (tests/test_lamb.py).
+"""LAMB on every DeepSpeed path on several ranks against the reference (tests/lamb_paths.py).
 
-Launched with torchrun --nproc-per-node 2. Parameters of very different scales make per-parameter trust ratios
-differ, so a ratio computed over a flat partition (DeepSpeed's behaviour) gives visibly different weights.
-Rank 0 prints one JSON line: the largest difference to the reference with and without partition layouts.
+Launched with torchrun (2 ranks on CPU in tests/test_lamb.py; 1 on a single GPU in tests/test_gpu.py). Rank 0
+prints one JSON line: {"<stage>-<precision>": largest |difference|, ..., "2-fp32-no-layout": ...}.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import deepspeed
 import torch
-import torch.distributed as dist
 
-from pipeline.train.engine import initialize, param_groups
-from pipeline.train.lamb import Lamb
+CUDA = torch.cuda.is_available()
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if CUDA else "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-deepspeed.init_distributed("gloo")
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from lamb_paths import compare_paths  # noqa: E402
+
+deepspeed.init_distributed("nccl" if CUDA else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-STEPS, MICRO = 3, 4
-
-
-def make_model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 10))
-    with torch.no_grad():
-        model[0].weight.mul_(30.0)  # scales that differ by orders of magnitude: ratios differ per parameter
-        model[2].weight.mul_(0.05)
-    return model
-
-
-def batches():
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(MICRO * world, 24, generator=g), torch.randn(MICRO * world, 10, generator=g)) for _ in range(STEPS)
-    ]
-
-
-def loss_fn(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
-
-
-def reference():
-    model = make_model()
-    opt = Lamb(param_groups(model, 0.01), lr=0.05)
-    for x, y in batches():
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    return [p.detach() for p in model.parameters()]
-
-
-def zero2(with_layout: bool):
-    model = make_model()
-    opt = Lamb(param_groups(model, 0.01), lr=0.05)
-    config = {
-        "train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-        "bf16": {"enabled": False}, "fp16": {"enabled": False}, "gradient_clipping": 0.0,
-    }  # fmt: skip
-    engine, ds_opt = initialize(model, opt, config)
-    if not with_layout:
-        opt.layouts.clear()  # DeepSpeed's own behaviour: one ratio per flat partition
-    assert ds_opt.optimizer is opt
-    for x, y in batches():
-        part = slice(rank * MICRO, (rank + 1) * MICRO)
-        engine.backward(loss_fn(engine, x[part], y[part]))
-        engine.step()
-    return [p.detach() for p in engine.module.parameters()]
-
-
-ref = reference()
-diffs = {}
-for mode in (True, False):
-    got = zero2(mode)
-    diffs["with_layout" if mode else "without_layout"] = max(
-        float((a - b).abs().max()) for a, b in zip(got, ref, strict=True)
-    )
+device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if CUDA else torch.device("cpu")
+if CUDA:
+    torch.cuda.set_device(device)
+diffs = compare_paths(["fp32", "bf16"] + (["fp16"] if CUDA else []), rank, world, device)
 if rank == 0:
     print(json.dumps(diffs), flush=True)
 dist.destroy_process_group()
