@@ -43,10 +43,7 @@ def loss_fn(model, x, y):
 def reference(precision: str, world: int, device: torch.device) -> list[torch.Tensor]:
     dtype = DTYPES[precision]
     low = make_model().to(device, dtype)
-    masters = make_model().to(device)
-    with torch.no_grad():  # DeepSpeed builds its fp32 masters from the module it was given, cast to dtype
-        for hp, lp in zip(masters.parameters(), low.parameters(), strict=True):
-            hp.copy_(lp)
+    masters = make_model().to(device)  # the fp32 weights the model was built with
     opt = Lamb(param_groups(masters, 0.01), lr=LR)
     for x, y in batches(world):
         grads = [torch.zeros_like(p) for p in masters.parameters()]

@@ -119,3 +119,38 @@ def test_nonfinite_losses_skip_steps_then_stop(bert_shards, tmp_path, process_gr
     with pytest.raises(RuntimeError, match="3 consecutive steps with a NaN/inf loss"):
         train_in_process(bert_shards, tmp_path / "b", {**common, "train.max_steps": 50,
                          "train.max_nonfinite_steps": 3}, process_group, make(set(range(2, 100))))  # fmt: skip
+
+
+@pytest.mark.parametrize("phase1_stage", [0, 1])
+def test_phase_two_starts_from_the_fp32_masters_of_a_bf16_phase_one(bert_shards, tmp_path, process_group,
+                                                                     phase1_stage):  # fmt: skip
+    """BERT phase 2 (``train.init_from``) in bf16: DeepSpeed's fp32 masters start as phase 1's fp32 masters,
+    bit for bit, not as their bf16 copy (which they were: DeepSpeed built them from the module it cast)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pipeline.train.checkpoint import consolidate_checkpoint, find_checkpoint
+
+    common = {"train.precision": "bf16", "tracking.enabled": False, "train.loss_curve": False,
+              "checkpoint.every_steps": 0}  # fmt: skip
+    phase1 = tmp_path / "phase1"
+    train_in_process(bert_shards, phase1, {**common, "train.max_steps": 3, "train.zero_stage": phase1_stage,
+                     "deepspeed.config": f"configs/deepspeed/zero{phase1_stage}.json"}, process_group)  # fmt: skip
+    tag = find_checkpoint("auto", phase1)
+    seen, modules = {}, []
+
+    class Phase2(PretrainTask):
+        def forward(self, model, batch):
+            if not seen:  # before the first update
+                modules.append(model.module)
+                for name, p in model.module.named_parameters():
+                    seen[name] = safe_get_full_fp32_param(p).clone()
+            return super().forward(model, batch)
+
+    result = train_in_process(bert_shards, tmp_path / "phase2", {**common, "train.max_steps": 1,
+                              "train.init_from": str(phase1)}, process_group, Phase2)  # fmt: skip
+    assert result["step"] == 1  # a fresh step count
+    masters = consolidate_checkpoint(tag, phase1_stage, modules[0])  # ZeRO 0 in bf16: names its fp32 groups
+    trained = {n: masters[n] for n in seen}
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in trained.values())  # not bf16-representable
+    for name, value in trained.items():
+        assert torch.equal(seen[name], value), name

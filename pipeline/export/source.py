@@ -12,8 +12,6 @@ is never paired with a tokenizer it was not trained with.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +19,6 @@ from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 import yaml
 from torch import Tensor
 
@@ -29,7 +26,7 @@ from pipeline.config import from_dict
 from pipeline.errors import UserError
 from pipeline.model.config import ModelConfig
 from pipeline.tokenizer.spm import MODEL_FILE, Tokenizer, sha256_file
-from pipeline.train.checkpoint import MARK, find_checkpoint, read_mark
+from pipeline.train.checkpoint import MARK, consolidate_checkpoint, find_checkpoint, read_mark
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +86,6 @@ class Pretrained:
                 f"{self.model_cfg.vocab_size}"
             )
         return tok
-
-
-def consolidate_checkpoint(tag_dir: Path, zero_stage: int) -> dict[str, Tensor]:
-    """One fp32 state dict from a (possibly ZeRO-partitioned) DeepSpeed checkpoint tag."""
-    if zero_stage >= 1 or any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # it prints progress to stdout
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
-    else:
-        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in module["module"].items()}
-    return dict(state)
 
 
 def _resolve(path_str: str | None) -> Path | None:

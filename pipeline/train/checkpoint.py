@@ -10,6 +10,8 @@ after a barrier rank 0 writes ``checkpoint.json`` into the tag (the publication 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -183,3 +185,34 @@ def to_universal(tag_dir: Path, rank: int) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def consolidate_checkpoint(tag_dir: Path, zero_stage: int, model: torch.nn.Module | None = None) -> dict:
+    """The fp32 master weights of a DeepSpeed checkpoint tag as one state dict, whatever the precision.
+
+    ZeRO 1-3 through DeepSpeed's ``zero_to_fp32``. ZeRO 0 from the module state, which holds the fp32 weights
+    in fp32 training; in bf16/fp16 it holds their rounded copy and the masters are the optimizer's
+    ``fp32_groups``, in the order of the trainer's parameter groups: give the ``model`` (same architecture)
+    to name them. Without it, such a checkpoint gives its rounded weights (upcast).
+    """
+    if zero_stage >= 1 or any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # it prints progress to stdout
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
+        return dict(state)
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    low_precision = any(v.is_floating_point() and v.dtype != torch.float32 for v in saved["module"].values())
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if low_precision and masters is not None and model is not None:
+        from pipeline.train.engine import param_groups
+
+        ids = {id(p): n for n, p in model.named_parameters()}
+        names = [ids[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+        tensors = [t for group in masters for t in group]
+        if len(names) != len(tensors) or any(state[n].shape != t.shape for n, t in zip(names, tensors, strict=False)):
+            raise RuntimeError(f"{tag_dir}: its optimizer's fp32 groups do not match this model's parameters")
+        state.update({n: t.float() for n, t in zip(names, tensors, strict=True)})
+    return state

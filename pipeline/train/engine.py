@@ -190,9 +190,15 @@ def initialize(model: nn.Module, optimizer, ds_config: dict):
     """``deepspeed.initialize`` with our client optimizer; gives LAMB the layout of ZeRO's flat partitions."""
     import deepspeed
 
+    low_precision = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    # DeepSpeed casts the module to bf16/fp16 and builds its fp32 masters from that rounded copy: keep the
+    # fp32 weights to start the masters from (phase 2 and fine-tuning start from trained fp32 weights).
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()} if low_precision else None
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     inner = getattr(ds_optimizer, "optimizer", None)
     _undo_state_init_step(ds_optimizer, inner)
+    if weights is not None:
+        set_master_weights(engine, ds_optimizer, weights)
     if isinstance(inner, Lamb):
         if hasattr(ds_optimizer, "round_robin_bit16_groups") or hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):
             for flat, layout in zero_partition_layouts(ds_optimizer):
@@ -226,3 +232,33 @@ def _undo_state_init_step(ds_optimizer, inner) -> None:
         for master, weight in pairs:
             master.copy_(weight)
     inner.state.clear()
+
+
+def set_master_weights(engine, ds_optimizer, weights: dict[str, torch.Tensor]) -> None:
+    """Make DeepSpeed's fp32 master weights exactly ``weights`` (parameter name -> fp32 tensor).
+
+    ZeRO 1-3 (and DeepSpeed's BF16_Optimizer) through ``safe_set_full_fp32_param`` (each rank writes its
+    partition); ZeRO 0 in bf16/fp16 into the wrapper's fp32 copies. The module's low-precision weights are
+    already the rounded ``weights``: DeepSpeed cast them.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    name = type(ds_optimizer).__name__
+    with torch.no_grad():
+        if name == "FP16_UnfusedOptimizer":
+            names = {id(p): n for n, p in params.items()}
+            for lps, hps in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups, strict=True):
+                for lp, hp in zip(lps, hps, strict=True):
+                    hp.copy_(weights[names[id(lp)]])
+        elif name == "FP16_Optimizer":  # flat fp32 copies of each group, the group's tensors end to end
+            names = {id(p): n for n, p in params.items()}
+            for lps, flat in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups_flat, strict=True):
+                offset = 0
+                for lp in lps:
+                    flat.narrow(0, offset, lp.numel()).copy_(weights[names[id(lp)]].flatten())
+                    offset += lp.numel()
+        else:
+            for n, p in params.items():
+                if p.requires_grad:
+                    safe_set_full_fp32_param(p, weights[n].to(p.device))

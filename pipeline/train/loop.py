@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import save_config
 from pipeline.errors import UserError
 from pipeline.model.loss import IGNORE_INDEX
-from pipeline.train.checkpoint import find_checkpoint
+from pipeline.train.checkpoint import consolidate_checkpoint, find_checkpoint, read_mark
 from pipeline.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig, TrainConfig
 from pipeline.train.engine import DistInfo, build_optimizer, deepspeed_config, initialize, param_groups
 from pipeline.train.metrics import MetricsLog, StepSums, plot_loss_curve
@@ -115,22 +115,26 @@ class EpochBatches:
 
 
 def build_engine(task: Task, dist_info: DistInfo, train: TrainConfig, optim: OptimConfig, deepspeed_json: str,
-                 universal: bool):  # fmt: skip
-    """The task's model wrapped by DeepSpeed with our optimizer: ``(engine, DeepSpeed's optimizer)``."""
+                 universal: bool, init_from: Path | None = None):  # fmt: skip
+    """The task's model wrapped by DeepSpeed with our optimizer: ``(engine, DeepSpeed's optimizer)``.
+
+    ``init_from`` (BERT phase 2): a published checkpoint whose fp32 master weights the model starts from, with
+    a fresh optimizer and schedule. They are loaded into the module before DeepSpeed sees it, and DeepSpeed's
+    masters start from them, not from their bf16/fp16 copy (``initialize``).
+    """
     torch.manual_seed(train.seed)
     model = task.build_model()
+    if init_from is not None:
+        weights = consolidate_checkpoint(init_from, read_mark(init_from).get("zero_stage", 0), model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(f"train.init_from {init_from}: weights do not fit this model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")  # fmt: skip
+        log.info("initialised weights from %s (fp32 masters; fresh optimizer and schedule)", init_from)
     groups = param_groups(model, optim.weight_decay, task.lr_scale(), optim.layer_adaptation)
     optimizer = build_optimizer(groups, optim, train, dist_info.device)
     ds_config = deepspeed_config(deepspeed_json, train, dist_info.world_size, load_universal=universal)
     return initialize(model, optimizer, ds_config)
-
-
-def init_weights_from(engine, spec: str) -> None:
-    """BERT phase 2: another run's weights, with a fresh optimizer and schedule."""
-    init_dir = find_checkpoint(spec, Path(spec))
-    engine.load_checkpoint(str(init_dir.parent), tag=init_dir.name, load_module_only=True,
-                           load_optimizer_states=False, load_lr_scheduler_states=False)  # fmt: skip
-    log.info("initialised weights from %s (fresh optimizer and schedule)", init_dir)
 
 
 def run_training(
@@ -158,13 +162,9 @@ def run_training(
     checkpoints = RunCheckpoints(out, checkpoint, train, rank, world, full_config)
     resume = checkpoints.resume_point()  # before the engine: a new world size loads a universal checkpoint
     universal = resume is not None and resume.universal
-    engine, optimizer = build_engine(task, dist_info, train, optim, deepspeed_json, universal)
-    if resume is not None:
-        state = checkpoints.restore(engine, resume)
-    else:
-        state = TrainState()
-        if train.init_from:
-            init_weights_from(engine, train.init_from)
+    init_from = find_checkpoint(train.init_from, Path(train.init_from)) if train.init_from and not resume else None
+    engine, optimizer = build_engine(task, dist_info, train, optim, deepspeed_json, universal, init_from)
+    state = checkpoints.restore(engine, resume) if resume is not None else TrainState()
     tags = {"world_size": str(world), "task": task.name, "precision": train.precision,
             "zero_stage": str(train.zero_stage), **(extra_tags or {})}  # fmt: skip
     tracker = start_tracking(tracking, out, rank, state.mlflow_run_id, first_step=state.step == 0, tags=tags,
