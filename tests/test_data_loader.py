@@ -282,3 +282,56 @@ def test_worker_side_is_picklable_for_spawn_start_methods(bert_shards):
     clone = pickle.loads(pickle.dumps(dataset))
     first, again = next(iter(clone))[0], next(iter(dataset))[0]
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def keys_of(loader, epoch, start_batch=0, history=(), count=None) -> list[list[str]]:
+    """The sample keys of the batches ``loader.iterate`` hands out (the first ``count`` of them)."""
+    out = []
+    batches = loader.iterate(epoch, start_batch, history)
+    for _ in itertools.islice(batches, count):
+        out.append(loader.last_keys)
+    batches.close()  # stops its workers
+    return out
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_an_epoch_continues_on_another_layout_with_every_sample_once(bert_shards, where):
+    """2 ranks x 1 worker -> 1 rank x 3 workers, micro-batch 10 (the resume of a universal checkpoint): the
+    rest of the epoch is what the old slots had not read, each sample once; at the epoch's end there is no
+    rest, where the old position (samples // new micro-batch) pointed past the new epoch's end and raised."""
+    old = [make_loader(bert_shards, micro_batch_size=10, rank=r, world_size=2, num_workers=1) for r in range(2)]
+    per_rank = old[0].batches_per_epoch
+    consumed = per_rank if where == "epoch_end" else per_rank // 3
+    epoch = [k for ld in old for batch in keys_of(ld, 0) for k in batch]  # the old layout's whole epoch
+    before = [k for ld in old for batch in keys_of(ld, 0, count=consumed) for k in batch]
+    new = make_loader(bert_shards, micro_batch_size=10, num_workers=3)
+    history = [{**old[0].layout(), "batches": consumed}]
+    after = [k for batch in keys_of(new, 0, history=history) for k in batch]
+    seen = before + after
+    assert len(seen) == len(set(seen)) and set(seen) <= set(epoch)  # nothing twice, nothing foreign
+    left_out = new.plan(0, new.check_history(history)).samples_dropped
+    assert len(epoch) - len(seen) == left_out < 3 * 10  # only the rest's remainder, as in any epoch
+    if where == "epoch_end":
+        assert after == [] and new.batches_in_epoch(0, history) == 0
+        assert consumed * 2 * 10 // 10 > new.batches_per_epoch  # the old position would have overrun
+    else:
+        assert len(after) == 10 * new.batches_in_epoch(0, history) > 0
+        # Resuming inside the rest on the same new layout continues its stream exactly.
+        assert keys_of(new, 0, start_batch=5, history=history) == keys_of(new, 0, history=history)[5:]
+
+
+def test_an_epoch_moved_to_the_same_slots_on_fewer_ranks_gives_the_same_batches(bert_shards):
+    """2 ranks x 1 worker -> 1 rank x 2 workers: the same slots, so the same batches, masks included."""
+    old = [make_loader(bert_shards, micro_batch_size=8, rank=r, world_size=2, num_workers=1) for r in range(2)]
+    consumed = 7
+    rest_old = [list(itertools.islice(ld.iterate(0, consumed), 4)) for ld in old]
+    new = make_loader(bert_shards, micro_batch_size=8, num_workers=2)
+    rest_new = list(itertools.islice(new.iterate(0, 0, [{**old[0].layout(), "batches": consumed}]), 8))
+    assert_same_batches(rest_new, [rest_old[j % 2][j // 2] for j in range(8)])
+
+
+def test_an_epoch_cannot_continue_on_another_data_order(bert_shards):
+    loader = make_loader(bert_shards, micro_batch_size=10, num_workers=1)
+    history = [{**loader.layout(), "seed": 99, "batches": 3}]
+    with pytest.raises(UserError, match="another data order"):
+        loader.batches_in_epoch(0, history)

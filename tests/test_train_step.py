@@ -9,6 +9,8 @@ numpy arrays, which is what they are, and never reach the dispatcher.
 
 from __future__ import annotations
 
+import gzip
+import itertools
 import json
 
 import pytest
@@ -154,3 +156,60 @@ def test_phase_two_starts_from_the_fp32_masters_of_a_bf16_phase_one(bert_shards,
     assert any(not torch.equal(t, t.bfloat16().float()) for t in trained.values())  # not bf16-representable
     for name, value in trained.items():
         assert torch.equal(seen[name], value), name
+
+
+@pytest.fixture(scope="module")
+def one_doc_shards(tmp_path_factory, small_tokenizer):
+    """BERT shards of one address (415 samples at seq 64): an epoch is 40 micro-batches of 10 on 2 workers."""
+    from conftest import DEMO_CORPUS
+
+    import data_shards
+
+    root = tmp_path_factory.mktemp("one-doc")
+    corpus = root / "one.jsonl.gz"
+    with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as src, gzip.open(corpus, "wt", encoding="utf-8") as dst:
+        dst.writelines(itertools.islice(src, 1))
+    return data_shards.build_shards(root, small_tokenizer, "bert", **{"input.paths": [str(corpus)], "data.seq_len": 64})
+
+
+@pytest.mark.slow  # ~50 s each: an epoch of 40 steps and two engine starts; the loader tests cover the maths
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_training_continues_an_epoch_on_more_loader_slots(one_doc_shards, tmp_path, process_group, where):
+    """A run checkpointed with 2 loader workers resumes with 3 (other slots, as on another world size): it
+    never raises at the epoch's end (the old position, 40 batches, exceeded the new epoch's 39) and the epoch's
+    samples are each seen once across the two runs (only the rest's remainder, < 3 x 10, is left out)."""
+    from pipeline.data import DataConfig, PretrainLoader
+
+    seen: list[tuple[int, list[str]]] = []
+
+    class Recording(PretrainTask):
+        def batches(self, epoch, start_batch, history=()):
+            self.loader.with_keys = True
+            for batch in super().batches(epoch, start_batch, history):
+                seen.append((epoch, self.loader.last_keys))
+                yield batch
+
+    def loader(workers):
+        cfg = DataConfig(shards=str(one_doc_shards), num_workers=workers, shuffle_window=1000)
+        return PretrainLoader(cfg, micro_batch_size=10, seed=1234, with_keys=True)
+
+    first, second = loader(2), loader(3)
+    assert first.batches_per_epoch == 40 > second.batches_per_epoch == 39  # the edge of the issue
+    epoch0 = {k for _ in first.iterate(0) for k in first.last_keys}
+    out = tmp_path / "run"
+    common = {"train.micro_batch_size": 10, "train.global_batch_size": 10, "tracking.enabled": False,
+              "train.loss_curve": False, "checkpoint.every_steps": 0, "model.hidden_dropout": 0.0}  # fmt: skip
+    stop = 40 if where == "epoch_end" else 16
+    train_in_process(one_doc_shards, out, {**common, "train.max_steps": stop, "data.num_workers": 2},
+                     process_group, Recording)  # fmt: skip
+    rest = second.batches_in_epoch(0, [{**first.layout(), "batches": stop}])
+    result = train_in_process(one_doc_shards, out, {**common, "train.max_steps": stop + rest + 2,
+                              "data.num_workers": 3}, process_group, Recording)  # fmt: skip
+    assert result["step"] == stop + rest + 2 and result["epoch"] == 1
+    assert result["samples"] == 10 * (stop + rest + 2)
+    keys = [k for epoch, batch in seen if epoch == 0 for k in batch]
+    assert len(keys) == len(set(keys)) and set(keys) <= epoch0
+    assert len(epoch0) - len(keys) < 3 * 10
+    if where == "epoch_end":
+        assert rest == 0 and len(keys) == len(epoch0)
+    assert [epoch for epoch, _ in seen].count(1) == 2

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data.plan import MASKING, EpochPlan, batches_consumed_by_worker, rng_for
+from pipeline.data.plan import MASKING, EpochPlan, EpochRest, batches_consumed_by_worker, cut, rng_for
 from pipeline.data.reader import Sample, SampleDecoder, SliceReader
 from pipeline.data.shards import Shard
 
@@ -54,17 +54,27 @@ class EpochSpec:
     collate: Callable[[list[Sample], np.random.Generator], dict[str, np.ndarray]]
     fail_on_bad_shard: bool
     with_keys: bool = False
+    # Earlier layouts of this epoch (a resume on another layout): (world_size, workers_per_rank,
+    # micro_batch_size, batches each of their ranks consumed), oldest first.
+    history: tuple[tuple[int, int, int, int], ...] = ()
 
-    def plan(self) -> EpochPlan:
-        return EpochPlan(
-            [s.num_samples for s in self.shards],
-            epoch=self.epoch,
-            seed=self.seed,
-            world_size=self.world_size,
-            workers_per_rank=self.workers_per_rank,
-            micro_batch_size=self.micro_batch_size,
-            shuffle_window=self.shuffle_window,
-        )
+    def plan(self) -> EpochPlan | EpochRest:
+        return plan_epoch(
+            [s.num_samples for s in self.shards], self.epoch, self.seed, self.shuffle_window,
+            (self.world_size, self.workers_per_rank, self.micro_batch_size), self.history,
+        )  # fmt: skip
+
+
+def plan_epoch(shard_samples: list[int], epoch: int, seed: int, shuffle_window: int, layout: tuple[int, int, int],
+               history=()) -> EpochPlan | EpochRest:  # fmt: skip
+    """The epoch's plan for ``layout`` (world_size, workers_per_rank, micro_batch_size), after ``history``."""
+    layouts = [tuple(h[:3]) for h in history] + [tuple(layout)]
+    world, workers, micro = layouts[0]
+    plan = EpochPlan(shard_samples, epoch=epoch, seed=seed, world_size=world, workers_per_rank=workers,
+                     micro_batch_size=micro, shuffle_window=shuffle_window)  # fmt: skip
+    for (*_, consumed), (world, workers, micro) in zip(history, layouts[1:], strict=True):
+        plan = EpochRest(plan, consumed, world_size=world, workers_per_rank=workers, micro_batch_size=micro)
+    return plan
 
 
 class RankEpoch(IterableDataset):
@@ -101,34 +111,47 @@ def pack(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
+def mask_stream(epoch: int, where: list[tuple[int, int]], base_batch_size: int) -> tuple[int, ...]:
+    """The masking RNG path of a batch, from where its samples lie in the epoch's base plan.
+
+    A batch that is batch ``b`` of base slot ``s`` (the same samples) gets ``(epoch, s, b)`` on any layout, so
+    an epoch continued on other ranks or workers masks it as the uninterrupted run would have; any other batch
+    (a rest of an epoch cut elsewhere) gets a path of its own, from its first sample.
+    """
+    slot, first = where[0]
+    if first % base_batch_size == 0 and where == [(slot, first + i) for i in range(base_batch_size)]:
+        return (epoch, slot, first // base_batch_size)
+    return (epoch, slot, first, len(where), 1)
+
+
 def slot_batches(
-    spec: EpochSpec, plan: EpochPlan, slot: int, first_batch: int
+    spec: EpochSpec, plan: EpochPlan | EpochRest, slot: int, first_batch: int
 ) -> Iterator[tuple[dict[str, torch.Tensor], BatchMeta]]:
-    """A slot's batches ``first_batch ..`` of the epoch: windows read, permuted, cut, collated, masked."""
+    """A slot's batches ``first_batch ..`` of the epoch: its stream read, cut, collated, masked."""
     B = spec.micro_batch_size
     reader = SliceReader(spec.shards, spec.decoder, spec.fail_on_bad_shard)
-    first_window, skip = divmod(first_batch * B, plan.shuffle_window)
     errors_seen = substituted_seen = 0
-    pending: list[Sample] = []  # the tail of a window that did not fill a whole batch
     batch_index = first_batch
-    for window, samples in reader.windows(plan, slot, first_window):
-        order = plan.window_permutation(slot, window, len(samples))
-        queue = pending + [samples[i] for i in order[skip:]]
-        skip = 0
-        full = len(queue) - len(queue) % B
-        for start in range(0, full, B):
-            chunk = queue[start : start + B]
-            arrays = spec.collate(chunk, rng_for(spec.seed, MASKING, spec.epoch, slot, batch_index))
-            meta = BatchMeta(
-                epoch=spec.epoch,
-                slot=slot,
-                slot_batch=batch_index,
-                read_errors=reader.handler.errors - errors_seen,
-                samples_substituted=reader.substituted - substituted_seen,
-                keys=[s.key for s in chunk] if spec.with_keys else None,
-            )
-            errors_seen, substituted_seen = reader.handler.errors, reader.substituted
-            yield pack(arrays), meta
-            batch_index += 1
-        pending = queue[full:]
-    assert not pending and batch_index == plan.batches_per_slot, (len(pending), batch_index, plan.batches_per_slot)
+    chunk: list[Sample] = []
+    where: list[tuple[int, int]] = []  # (slot, stream index) of each sample of the chunk in the epoch's base plan
+    for base_slot, index, sample in reader.pieces(plan.base, cut(plan.stream(slot), first_batch * B)):
+        chunk.append(sample)
+        where.append((base_slot, index))
+        if len(chunk) < B:
+            continue
+        arrays = spec.collate(
+            chunk, rng_for(spec.seed, MASKING, *mask_stream(spec.epoch, where, plan.base.micro_batch_size))
+        )
+        meta = BatchMeta(
+            epoch=spec.epoch,
+            slot=slot,
+            slot_batch=batch_index,
+            read_errors=reader.handler.errors - errors_seen,
+            samples_substituted=reader.substituted - substituted_seen,
+            keys=[s.key for s in chunk] if spec.with_keys else None,
+        )
+        errors_seen, substituted_seen = reader.handler.errors, reader.substituted
+        yield pack(arrays), meta
+        batch_index += 1
+        chunk, where = [], []
+    assert not chunk and batch_index == plan.batches_per_slot, (len(chunk), batch_index, plan.batches_per_slot)

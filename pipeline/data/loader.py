@@ -32,15 +32,17 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.collate import BertCollator, GptCollator
 from pipeline.data.config import DataConfig
-from pipeline.data.dataset import EpochSpec, RankEpoch
+from pipeline.data.dataset import EpochSpec, RankEpoch, plan_epoch
 from pipeline.data.masking import MaskingRule
-from pipeline.data.plan import EpochPlan
+from pipeline.data.plan import EpochPlan, EpochRest
 from pipeline.data.reader import SampleDecoder
 from pipeline.data.shards import ShardSet, check_tokenizer, open_shard_set
 from pipeline.errors import UserError
 from pipeline.tokenizer.spm import Tokenizer
 
 log = logging.getLogger(__name__)
+
+LAYOUT_SLOTS = ("world_size", "workers_per_rank", "micro_batch_size")  # what may change within an epoch
 
 
 class PretrainLoader:
@@ -127,32 +129,36 @@ class PretrainLoader:
             return float(self.tokens_per_batch)
         return self.micro_batch_size * self.shard_set.mean_tokens_per_sample
 
-    def plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan(
-            [s.num_samples for s in self.shard_set.shards],
-            epoch=epoch,
-            seed=self.seed,
-            world_size=self.world_size,
-            workers_per_rank=self.workers_per_rank,
-            micro_batch_size=self.micro_batch_size,
-            shuffle_window=self.cfg.shuffle_window,
-        )
+    def plan(self, epoch: int, history: tuple = ()) -> EpochPlan | EpochRest:
+        return plan_epoch(
+            [s.num_samples for s in self.shard_set.shards], epoch, self.seed, self.cfg.shuffle_window,
+            (self.world_size, self.workers_per_rank, self.micro_batch_size), history,
+        )  # fmt: skip
 
     # -- iteration -------------------------------------------------------------------------------------------
-    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batches ``start_batch .. batches_per_epoch - 1`` of ``epoch``."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch {start_batch} is not within [0, {self.batches_per_epoch}]")
+    def iterate(self, epoch: int, start_batch: int = 0, history=()) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches ``start_batch ..`` of ``epoch`` (``batches_in_epoch(epoch, history)`` of them).
+
+        ``history``: the earlier layouts of this epoch and the batches each of their ranks consumed
+        (``{"world_size", "workers_per_rank", "micro_batch_size", "batches"}``, oldest first) when a run
+        continues on another layout: then this loader reads exactly what they had not (``EpochRest``).
+        """
+        history = self.check_history(history)
+        plan = self.plan(epoch, history)
+        num_batches = plan.batches_per_rank
+        if not 0 <= start_batch <= num_batches:
+            raise ValueError(f"start_batch {start_batch} is not within [0, {num_batches}]")
         if start_batch == 0 and self.rank == 0:
             log.info(
-                "data epoch %d: %d batches per rank, %d samples used, %d left out this epoch, %d shards excluded",
+                "data epoch %d%s: %d batches per rank, %d samples used, %d left out this epoch, %d shards excluded",
                 epoch,
-                self.batches_per_epoch,
-                self.samples_per_epoch,
-                self.samples_dropped_per_epoch,
+                f" (the rest, after {len(history)} other layout(s))" if history else "",
+                num_batches,
+                plan.samples_used,
+                plan.samples_dropped,
                 len(self.shard_set.bad),
             )
-        spec = self.epoch_spec(epoch, start_batch)
+        spec = self.epoch_spec(epoch, start_batch, history)
         workers = self.cfg.num_workers
         # A new DataLoader per epoch: its workers are told the epoch and start position when they fork; persistent
         # workers would keep the first epoch's copy of the dataset.
@@ -184,7 +190,7 @@ class PretrainLoader:
                 index += 1
                 # The position moves before the batch is handed out: a checkpoint taken after the step that used
                 # it must resume after it.
-                self._epoch, self._batch = (epoch + 1, 0) if index == self.batches_per_epoch else (epoch, index)
+                self._epoch, self._batch = (epoch + 1, 0) if index == num_batches else (epoch, index)
                 yield batch
         finally:
             # Stop the workers now. The traceback of an error raised in a worker holds the iterator; collected
@@ -193,12 +199,27 @@ class PretrainLoader:
             shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean-up, absent without workers
             if shutdown is not None:
                 shutdown()
-        if index != self.batches_per_epoch:
-            raise RuntimeError(
-                f"epoch {epoch} ended after {index} of {self.batches_per_epoch} batches on rank {self.rank}"
-            )
+        if index != num_batches:
+            raise RuntimeError(f"epoch {epoch} ended after {index} of {num_batches} batches on rank {self.rank}")
 
-    def epoch_spec(self, epoch: int, start_batch: int = 0) -> EpochSpec:
+    def check_history(self, history) -> tuple[tuple[int, int, int, int], ...]:
+        """``history`` as the workers' tuples; a layout that differs in more than ranks, workers and micro-batch
+        (seed, shuffle window, shards) cannot continue the epoch's sample order: ``UserError``."""
+        fixed = {k: v for k, v in self.layout().items() if k not in LAYOUT_SLOTS}
+        out = []
+        for entry in history:
+            other = {k: entry[k] for k in fixed if k in entry}
+            if other != {k: fixed[k] for k in other}:
+                diff = ", ".join(f"{k} {other[k]} -> {fixed[k]}" for k in other if other[k] != fixed[k])
+                raise UserError(f"the epoch began with another data order ({diff}): it cannot continue exactly")
+            out.append((*(int(entry[k]) for k in LAYOUT_SLOTS), int(entry["batches"])))
+        return tuple(out)
+
+    def batches_in_epoch(self, epoch: int, history=()) -> int:
+        """This rank's batches in ``epoch`` (all of them; or, after ``history``, those of the rest)."""
+        return self.plan(epoch, self.check_history(history)).batches_per_rank
+
+    def epoch_spec(self, epoch: int, start_batch: int = 0, history: tuple = ()) -> EpochSpec:
         """What this rank's workers are given for ``epoch`` (picklable)."""
         return EpochSpec(
             shards=self.shard_set.shards,
@@ -214,6 +235,7 @@ class PretrainLoader:
             collate=self.collate,
             fail_on_bad_shard=self.cfg.on_bad_shard == "fail",
             with_keys=self.with_keys,
+            history=tuple(history),
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -16,6 +16,12 @@ count, so the plan partitions samples instead:
 A position in an epoch is therefore a count of samples consumed per slot, and a slot that has consumed ``c``
 samples resumes by re-reading window ``c // shuffle_window`` and skipping ``c % shuffle_window`` of its
 permutation: no replay of the epoch, and bitwise the same stream.
+
+A slot's stream is a list of :class:`Piece` s, spans of permuted windows. That is also how an epoch continues
+on another layout (another number of ranks or workers, a universal checkpoint): :class:`EpochRest` takes what
+every slot of the earlier layout had not consumed yet, in stream order, and cuts it into the new layout's slots
+as above. No sample of the epoch is read twice or skipped; as in every epoch, fewer than ``num_slots *
+micro_batch_size`` samples are left out (counted in ``samples_dropped``). A rest of a rest works the same way.
 """
 
 from __future__ import annotations
@@ -43,8 +49,38 @@ class Segment:
     position: int
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Stream positions ``[start, stop)`` of window ``window`` of slot ``slot`` of the epoch's base plan, in that
+    window's permuted order."""
+
+    slot: int
+    window: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def cut(stream: list[Piece], begin: int, end: int | None = None) -> list[Piece]:
+    """Samples ``[begin, end)`` of a stream of pieces, as pieces."""
+    out, offset = [], 0
+    end = sum(map(len, stream)) if end is None else end
+    for piece in stream:
+        a, b = max(begin - offset, 0), min(end - offset, len(piece))
+        if a < b:
+            out.append(Piece(piece.slot, piece.window, piece.start + a, piece.start + b))
+        offset += len(piece)
+        if offset >= end:
+            break
+    return out
+
+
 class EpochPlan:
     """The partition of one epoch; identical in every process given the same arguments."""
+
+    generation = 0  # how many layouts came before this one in the epoch (EpochRest: 1 or more)
 
     def __init__(
         self,
@@ -74,8 +110,21 @@ class EpochPlan:
         self.samples_dropped = self.num_samples - self.samples_used
         self.batches_per_rank = self.batches_per_slot * workers_per_rank
 
+    @property
+    def base(self) -> EpochPlan:
+        """The plan whose windows the pieces of every stream refer to."""
+        return self
+
     def slot(self, rank: int, worker: int) -> int:
         return rank * self.workers_per_rank + worker
+
+    def stream(self, slot: int) -> list[Piece]:
+        """The slot's samples in reading order: its windows, each in its permuted order."""
+        pieces = []
+        for window in range(self.num_windows()):
+            lo, hi = self.window_range(slot, window)
+            pieces.append(Piece(slot, window, 0, hi - lo))
+        return pieces
 
     def slot_range(self, slot: int) -> tuple[int, int]:
         start = slot * self.samples_per_slot
@@ -110,6 +159,47 @@ class EpochPlan:
         """(shard index, sample ordinal) of an epoch position."""
         k = int(np.searchsorted(self.starts, position, side="right")) - 1
         return int(self.order[k]), position - int(self.starts[k])
+
+
+class EpochRest:
+    """The rest of an epoch on a new layout, after ``prev`` (an :class:`EpochPlan` or an earlier rest) had
+    handed out ``rank_batches`` batches to each of its ranks.
+
+    What the earlier slots had not consumed, slot after slot in stream order, is cut into ``world_size *
+    workers_per_rank`` slices of ``batches_per_slot * micro_batch_size`` samples; the remainder is left out.
+    Same interface as :class:`EpochPlan` for the reader (``stream``, ``base``, counts).
+    """
+
+    def __init__(self, prev, rank_batches: int, *, world_size: int, workers_per_rank: int, micro_batch_size: int):
+        if not 0 <= rank_batches <= prev.batches_per_rank:
+            raise ValueError(f"{rank_batches} batches consumed per rank, but the epoch had {prev.batches_per_rank}")
+        self.prev = prev
+        self.generation = prev.generation + 1
+        self.epoch, self.seed, self.shuffle_window = prev.epoch, prev.seed, prev.shuffle_window
+        self.world_size, self.workers_per_rank, self.micro_batch_size = world_size, workers_per_rank, micro_batch_size
+        rest: list[Piece] = []
+        for rank in range(prev.world_size):
+            for worker in range(prev.workers_per_rank):
+                done = batches_consumed_by_worker(rank_batches, worker, prev.workers_per_rank) * prev.micro_batch_size
+                rest.extend(cut(prev.stream(prev.slot(rank, worker)), done))
+        self.num_samples = sum(map(len, rest))  # not yet consumed in this epoch
+        self.num_slots = world_size * workers_per_rank
+        self.batches_per_slot = self.num_samples // (self.num_slots * micro_batch_size)
+        self.samples_per_slot = self.batches_per_slot * micro_batch_size
+        self.samples_used = self.samples_per_slot * self.num_slots
+        self.samples_dropped = self.num_samples - self.samples_used
+        self.batches_per_rank = self.batches_per_slot * workers_per_rank
+        self._rest = rest
+
+    @property
+    def base(self) -> EpochPlan:
+        return self.prev.base
+
+    def slot(self, rank: int, worker: int) -> int:
+        return rank * self.workers_per_rank + worker
+
+    def stream(self, slot: int) -> list[Piece]:
+        return cut(self._rest, slot * self.samples_per_slot, (slot + 1) * self.samples_per_slot)
 
 
 def batches_consumed_by_worker(rank_batches: int, worker: int, workers_per_rank: int) -> int:

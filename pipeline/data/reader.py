@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.data.npy import npy_array
-from pipeline.data.plan import EpochPlan, Segment
+from pipeline.data.plan import EpochPlan, Piece, Segment
 from pipeline.data.shards import Shard
 from pipeline.preprocess.samples import BERT_FIELD, GPT_FIELD, MLM_FIELD
 
@@ -158,6 +158,29 @@ class SliceReader:
                         break
                     got.append(sample)
             yield window, self._fill(got, hi - lo, plan, hi)
+
+    def pieces(self, plan: EpochPlan, pieces: list[Piece]) -> Iterator[tuple[int, int, Sample]]:
+        """(slot, index in the slot's stream, sample) for the samples of ``pieces`` (spans of ``plan``'s
+        permuted windows), in order.
+
+        Consecutive windows of one slot are read through one stream (``windows``), as a slot's own stream is.
+        """
+        i = 0
+        while i < len(pieces):
+            slot = pieces[i].slot
+            windows = self.windows(plan, slot, pieces[i].window)
+            try:
+                for window, samples in windows:
+                    piece = pieces[i]
+                    order = plan.window_permutation(slot, window, len(samples))
+                    first = window * plan.shuffle_window
+                    for k in range(piece.start, piece.stop):
+                        yield slot, first + k, samples[order[k]]
+                    i += 1
+                    if i == len(pieces) or (pieces[i].slot, pieces[i].window) != (slot, window + 1):
+                        break
+            finally:
+                windows.close()
 
     def _fill(self, got: list[Sample], size: int, plan: EpochPlan, after: int) -> list[Sample]:
         deficit = size - len(got)

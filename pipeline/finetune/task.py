@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.finetune.config import FinetuneJobConfig
 from pipeline.finetune.data import Prepared
 from pipeline.finetune.heads import FinetuneModel, lm_labels_for, lr_scales
@@ -96,16 +97,31 @@ class FinetuneTask:
         return flops_per_token(self.model_cfg, self.cfg.task.max_seq_len, mlm_fraction=0.0)
 
     # ---- training batches
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """This rank's feature indices for ``epoch``: a whole number of full micro-batches."""
+    def data_layout(self) -> dict:
+        return {"world_size": self.world, "micro_batch_size": self.micro, "seed": self.cfg.train.seed,
+                "num_features": len(self.data.train_features)}  # fmt: skip
+
+    def epoch_order(self, epoch: int, history: list[dict] = ()) -> np.ndarray:
+        """This rank's feature indices for ``epoch``: a whole number of full micro-batches.
+
+        The epoch is a seeded permutation of the features, wrapped around to fill the last global batch and
+        dealt to the ranks, so the batches consumed are a prefix of it. After a resume on another layout
+        (``history``: what earlier layouts consumed) the rest of the permutation is dealt the same way.
+        """
         n = len(self.data.train_features)
         order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
-        order = np.resize(order, self.batches_per_epoch * self.micro * self.world)  # wraps around to fill
-        return order[self.rank :: self.world]
+        done = 0
+        for h in history:
+            if (h["seed"], h["num_features"]) != (self.cfg.train.seed, n):
+                raise UserError("the epoch began with another seed or training set: it cannot continue exactly")
+            done += min(h["batches"] * h["micro_batch_size"] * h["world_size"], n - done)
+        rest = order[done:]
+        batches = -(-len(rest) // (self.micro * self.world))
+        return np.resize(rest, batches * self.micro * self.world)[self.rank :: self.world]  # wraps to fill
 
-    def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
-        order = self.epoch_order(epoch)
-        for b in range(start_batch, self.batches_per_epoch):
+    def batches(self, epoch: int, start_batch: int, history: list[dict] = ()) -> Iterator[dict]:
+        order = self.epoch_order(epoch, history)
+        for b in range(start_batch, len(order) // self.micro):
             yield self.problem.collate(
                 [self.data.train_features[i] for i in order[b * self.micro : (b + 1) * self.micro]]
             )

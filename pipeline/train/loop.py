@@ -70,7 +70,9 @@ class Task(Protocol):
 
     def lr_scale(self) -> dict[str, float] | None: ...
 
-    def batches(self, epoch: int, start_batch: int) -> Iterator[dict]: ...
+    def data_layout(self) -> dict: ...  # what a data position refers to (ranks, workers, micro-batch, seed...)
+
+    def batches(self, epoch: int, start_batch: int, history: list[dict]) -> Iterator[dict]: ...
 
     def forward(self, model: nn.Module, batch: dict) -> StepOutput: ...
 
@@ -91,8 +93,9 @@ def set_lr(optimizer, lr: float) -> None:
 class EpochBatches:
     """The task's batches, epoch after epoch, with the data position kept in ``state``.
 
-    ``state.batch_in_epoch`` counts the micro-batches this rank consumed in ``state.epoch``; a position at an
-    epoch's end (``batches_per_epoch``) moves on to the next epoch when the next batch is asked for.
+    ``state.batch_in_epoch`` counts the micro-batches this rank consumed in ``state.epoch`` (on this layout;
+    ``state.epoch_history`` lists what earlier layouts of the epoch consumed, after a resume on another one);
+    a position at an epoch's end moves on to the next epoch when the next batch is asked for.
     """
 
     def __init__(self, task: Task, state: TrainState):
@@ -103,14 +106,14 @@ class EpochBatches:
         state = self.state
         while True:
             if self._batches is None:
-                self._batches = iter(self.task.batches(state.epoch, state.batch_in_epoch))
+                self._batches = iter(self.task.batches(state.epoch, state.batch_in_epoch, state.epoch_history))
             batch = next(self._batches, None)
             if batch is not None:
                 state.batch_in_epoch += 1
                 return batch
-            if state.batch_in_epoch == 0:
+            if state.batch_in_epoch == 0 and not state.epoch_history:
                 raise RuntimeError(f"{self.task.name}: epoch {state.epoch} has no batches")
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            state.epoch, state.batch_in_epoch, state.epoch_history = state.epoch + 1, 0, []
             self._batches = None
 
 
@@ -164,7 +167,7 @@ def run_training(
     universal = resume is not None and resume.universal
     init_from = find_checkpoint(train.init_from, Path(train.init_from)) if train.init_from and not resume else None
     engine, optimizer = build_engine(task, dist_info, train, optim, deepspeed_json, universal, init_from)
-    state = checkpoints.restore(engine, resume) if resume is not None else TrainState()
+    state = checkpoints.restore(engine, resume, task.data_layout()) if resume is not None else TrainState()
     tags = {"world_size": str(world), "task": task.name, "precision": train.precision,
             "zero_stage": str(train.zero_stage), **(extra_tags or {})}  # fmt: skip
     tracker = start_tracking(tracking, out, rank, state.mlflow_run_id, first_step=state.step == 0, tags=tags,
@@ -206,7 +209,7 @@ def run_training(
             metrics.log_step(state, step.loss, lr, skipped, sums, engine, optimizer)
             improved = evals.run(task, engine, state, tracker)
             if saves.due(state.step, step.flags["save_by_time"], improved, step.flags["stop"]):
-                checkpoints.save(engine, state, stop.signal_name, improved, tracker)
+                checkpoints.save(engine, state, task.data_layout(), stop.signal_name, improved, tracker)
                 saves.saved()
             if step.flags["stop"]:
                 log.warning("stop requested (%s): checkpoint written at step %d", stop.signal_name or "signal",

@@ -34,8 +34,11 @@ class PretrainTask:
     def lr_scale(self) -> dict[str, float] | None:
         return None
 
-    def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
-        yield from self.loader.iterate(epoch, start_batch)
+    def data_layout(self) -> dict:
+        return self.loader.layout()
+
+    def batches(self, epoch: int, start_batch: int, history: list[dict] = ()) -> Iterator[dict]:
+        yield from self.loader.iterate(epoch, start_batch, history)
 
     def forward(self, model: nn.Module, batch: dict) -> StepOutput:
         # What shapes the step (padding, labelled positions) is read from the host copy: no device sync.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,10 @@ class TrainState:
 
     step: int = 0  # optimizer steps attempted (applied or skipped)
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
+    batch_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch, on the current layout
+    # Earlier layouts of the current epoch (a resume on other ranks / workers): each a data layout with the
+    # batches each of its ranks consumed ("batches"); the task reads what they had not.
+    epoch_history: list[dict] = field(default_factory=list)
     samples: int = 0  # global samples consumed
     tokens: int = 0  # global tokens consumed
     skipped_nonfinite: int = 0
@@ -73,26 +76,38 @@ class RunCheckpoints:
         load_dir = to_universal(tag_dir, self.rank) if universal else tag_dir
         return ResumePoint(tag_dir, load_dir, universal)
 
-    def restore(self, engine, point: ResumePoint) -> TrainState:
-        """Load the engine's state and return the run's, with this rank's RNG and data position restored."""
+    def restore(self, engine, point: ResumePoint, data_layout: dict) -> TrainState:
+        """Load the engine's state and return the run's, with this rank's RNG and data position restored.
+
+        ``data_layout``: what the task's data position now refers to. When it differs from the saved one
+        (other ranks or loader workers), the epoch continues with what the saved layout had not consumed: the
+        saved position becomes an entry of ``epoch_history`` and the new layout starts at batch 0 of the rest.
+        """
         _, client = engine.load_checkpoint(str(point.load_dir.parent), tag=point.load_dir.name)
         saved = client["train_state"]
         state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
         rank_state = None if point.universal else self.files.load_rank_state(point.load_dir)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
-            state.batch_in_epoch = rank_state["batch_in_epoch"]
-        else:
-            # Another world size: the same epoch and the same number of samples, in the new partition.
-            state.batch_in_epoch = saved["epoch_samples"] // (self.train.micro_batch_size * self.world_size)
+        else:  # another world size: no RNG state of this rank's to continue
             torch.manual_seed(self.train.seed + 1000 * state.step + self.rank)
+        saved_layout = saved.get("data_layout")
+        if saved_layout is not None and saved_layout != data_layout:
+            state.epoch_history = [*state.epoch_history, {**saved_layout, "batches": state.batch_in_epoch}]
+            state.batch_in_epoch = 0
+            log.info("data layout changed: epoch %d continues with the samples not yet consumed", state.epoch)
+        elif rank_state is not None:
+            state.batch_in_epoch = rank_state["batch_in_epoch"]
+        elif saved_layout is None:  # a checkpoint from before data layouts were saved: the old approximation
+            state.batch_in_epoch = saved["epoch_samples"] // (self.train.micro_batch_size * self.world_size)
         log.info("resumed from %s at step %d (epoch %d)", point.tag_dir, state.step, state.epoch)
         return state
 
-    def save(self, engine, state: TrainState, reason: str, best: bool, tracker) -> Path:
+    def save(self, engine, state: TrainState, data_layout: dict, reason: str, best: bool, tracker) -> Path:
         client = {
             "train_state": {
                 **asdict(state),
+                "data_layout": data_layout,  # what batch_in_epoch (the same on every rank) counts in
                 "epoch_samples": state.batch_in_epoch * self.train.micro_batch_size * self.world_size,
             },
             "config": to_dict(self.config),
