@@ -12,7 +12,7 @@ DEMO_DIR ?= data_shards/demo
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-data demo-pretrain demo-finetune transfer transfer-data transfer-pretrain test test-slow test-all lint format bench venv clean-demo
+.PHONY: demo demo-data demo-pretrain demo-finetune transfer transfer-data transfer-pretrain test test-slow test-all lint format bench venv clean-demo gpu-wheels
 
 venv: $(STAMP)
 
@@ -108,6 +108,20 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	@test -d runs/demo-pretrain/checkpoints || { echo "benchmarks/transfer.py needs the demo checkpoint: run make demo first"; exit 1; }
 	$(PY) benchmarks/transfer.py --checkpoint runs/demo-pretrain
+
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without network (Python 3.12, torch preinstalled): the
+# packages of requirements-gpu.txt for CPython $(GPU_PYTHON), and DeepSpeed built here as a wheel without
+# prebuilt ops (the check uses none), into .whl/ (ignored by git; a few MB, carried to the machine).
+GPU_PYTHON ?= 3.12
+GPU_PLATFORMS := --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp $(GPU_PLATFORMS) -d .whl -r requirements-gpu.txt
+	DS_ACCELERATOR=cuda DS_BUILD_OPS=0 $(PY) -m pip wheel --quiet --disable-pip-version-check --no-cache-dir \
+		--no-deps --no-build-isolation -w .whl \
+		"$$(grep -i '^deepspeed==' requirements.txt)"
+	@ls .whl && du -sh .whl
 
 clean-demo:
 	rm -rf $(DEMO_DIR) runs/demo-pretrain runs/demo-finetune

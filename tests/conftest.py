@@ -96,3 +96,15 @@ def process_group():
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` tier needs a CUDA device: skipped, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the gpu tier; see benchmarks/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
