@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -69,6 +72,30 @@ def run_cli(
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_cli_in_process(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline ...`` inside the test process, without an interpreter's and the imports' start-up:
+    its exit code and what it printed. ``env`` holds variables set while it runs: the ``process_group``
+    fixture's ``env`` for a command that trains (it then joins that group and leaves it standing)."""
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(REPO)  # relative config paths, as run_cli's cwd
+    try:
+        with mock.patch.dict(os.environ, {"PIPELINE_PROGRESS": "0", **(env or {})}), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # fmt: skip
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(cwd)
+    proc = subprocess.CompletedProcess(["pipeline", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 

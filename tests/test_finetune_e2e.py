@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require_shared_data, run_cli
+from conftest import REPO, require_shared_data, run_cli_in_process
 from finetune_data import bigbench_slice, movie_tsv, other_tokenizer, pretrained_run, spam_dir, squad_slice
 
 # A few steps, small batches, no MLflow unless the test is about it.
@@ -35,10 +35,19 @@ def gpt(tmp_path_factory, small_tokenizer) -> Path:
     return pretrained_run(tmp_path_factory.getbasetemp() / "ft-pretrained", small_tokenizer, "gpt")
 
 
+@pytest.fixture(autouse=True)
+def _in_process_group(process_group):
+    GROUP["env"] = process_group.env
+
+
+GROUP: dict = {}
+
+
 def finetune(config: str, checkpoint: Path, out: Path, *extra: str, check: bool = True):
+    """`python -m pipeline finetune` run inside the test process (the session's one-process group)."""
     args = ["finetune", "--config", f"configs/finetune/{config}.yaml", "--checkpoint", str(checkpoint),
             "--train.output_dir", str(out), *FAST, *extra]  # fmt: skip
-    proc = run_cli(*args, check=check)
+    proc = run_cli_in_process(*args, check=check, env=GROUP["env"])
     return proc, (json.loads((out / "report.json").read_text()) if check else None)
 
 

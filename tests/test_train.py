@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_cli_in_process
 from train_helpers import build_shards, kill_group, losses, start_train, train_args, wait_for
 
 GOLDEN = REPO / "tests" / "golden" / "debug_bert_losses.json"
@@ -22,11 +22,12 @@ def bert_shards(tmp_path_factory, small_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, bert_shards):
-    """The debug preset for 16 steps, uninterrupted, checkpointing every 4 steps."""
+def reference_run(tmp_path_factory, bert_shards, process_group):
+    """The debug preset for 16 steps, uninterrupted, checkpointing every 4 steps (`pipeline train` run inside
+    the test process; the killed run below is a real process)."""
     out = tmp_path_factory.mktemp("run") / "ref"
-    proc = run_cli(*train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "4"))
-    return out, proc
+    args = train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "4")
+    return out, run_cli_in_process(*args, env=process_group.env)
 
 
 def test_run_writes_checkpoints_metrics_plot_and_mlflow(reference_run):
@@ -71,7 +72,7 @@ def test_golden_loss_curve(reference_run):
         assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-5), step
 
 
-def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_path):
+def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_path, process_group):
     ref, _ = reference_run
     out = tmp_path / "killed"
     args = train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "4")
@@ -81,7 +82,7 @@ def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_p
     before = losses(out)
     assert 8 <= max(before) < STEPS, "the run must have been killed part-way"
     first_run_id = json.loads((out / "checkpoints" / "step_00000008" / "checkpoint.json").read_text())["mlflow_run_id"]
-    resumed = run_cli(*args)
+    resumed = run_cli_in_process(*args, env=process_group.env)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["step"] == STEPS
     assert losses(out) == losses(ref)  # exact, not approximate: same data, masks, dropout and optimizer state
@@ -96,8 +97,8 @@ def test_configs_that_cannot_work_fail_before_training(bert_shards, small_tokeni
         (["--tokenizer", str(tmp_path / "other-tok")], "not a tokenizer directory"),
         (["--optim.fused", "deepspeed"], "DeepSpeed's FusedLamb is another recipe"),
     ]
-    for extra, message in cases:
-        proc = run_cli(*train_args(bert_shards, tmp_path / "never", *extra), check=False)
+    for extra, message in cases:  # in-process: each fails before any process group or weights exist
+        proc = run_cli_in_process(*train_args(bert_shards, tmp_path / "never", *extra), check=False)
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert message in proc.stderr, (message, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr

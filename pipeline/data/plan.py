@@ -77,7 +77,26 @@ def cut(stream: list[Piece], begin: int, end: int | None = None) -> list[Piece]:
     return out
 
 
-class EpochPlan:
+class _Slots:
+    """``num_samples`` cut into ``world_size * workers_per_rank`` slots of whole micro-batches (the rest left out)."""
+
+    world_size: int
+    workers_per_rank: int
+    micro_batch_size: int
+
+    def _partition(self, num_samples: int) -> None:
+        self.num_slots = self.world_size * self.workers_per_rank
+        self.batches_per_slot = num_samples // (self.num_slots * self.micro_batch_size)
+        self.samples_per_slot = self.batches_per_slot * self.micro_batch_size
+        self.samples_used = self.samples_per_slot * self.num_slots
+        self.samples_dropped = num_samples - self.samples_used
+        self.batches_per_rank = self.batches_per_slot * self.workers_per_rank
+
+    def slot(self, rank: int, worker: int) -> int:
+        return rank * self.workers_per_rank + worker
+
+
+class EpochPlan(_Slots):
     """The partition of one epoch; identical in every process given the same arguments."""
 
     generation = 0  # how many layouts came before this one in the epoch (EpochRest: 1 or more)
@@ -103,20 +122,12 @@ class EpochPlan:
         sizes = self.shard_samples[self.order]
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # epoch position where each shard (in order) begins
         self.num_samples = int(self.starts[-1])
-        self.num_slots = world_size * workers_per_rank
-        self.batches_per_slot = self.num_samples // (self.num_slots * micro_batch_size)
-        self.samples_per_slot = self.batches_per_slot * micro_batch_size
-        self.samples_used = self.samples_per_slot * self.num_slots
-        self.samples_dropped = self.num_samples - self.samples_used
-        self.batches_per_rank = self.batches_per_slot * workers_per_rank
+        self._partition(self.num_samples)
 
     @property
     def base(self) -> EpochPlan:
         """The plan whose windows the pieces of every stream refer to."""
         return self
-
-    def slot(self, rank: int, worker: int) -> int:
-        return rank * self.workers_per_rank + worker
 
     def stream(self, slot: int) -> list[Piece]:
         """The slot's samples in reading order: its windows, each in its permuted order."""
@@ -161,7 +172,7 @@ class EpochPlan:
         return int(self.order[k]), position - int(self.starts[k])
 
 
-class EpochRest:
+class EpochRest(_Slots):
     """The rest of an epoch on a new layout, after ``prev`` (an :class:`EpochPlan` or an earlier rest) had
     handed out ``rank_batches`` batches to each of its ranks.
 
@@ -183,20 +194,12 @@ class EpochRest:
                 done = batches_consumed_by_worker(rank_batches, worker, prev.workers_per_rank) * prev.micro_batch_size
                 rest.extend(cut(prev.stream(prev.slot(rank, worker)), done))
         self.num_samples = sum(map(len, rest))  # not yet consumed in this epoch
-        self.num_slots = world_size * workers_per_rank
-        self.batches_per_slot = self.num_samples // (self.num_slots * micro_batch_size)
-        self.samples_per_slot = self.batches_per_slot * micro_batch_size
-        self.samples_used = self.samples_per_slot * self.num_slots
-        self.samples_dropped = self.num_samples - self.samples_used
-        self.batches_per_rank = self.batches_per_slot * workers_per_rank
+        self._partition(self.num_samples)
         self._rest = rest
 
     @property
     def base(self) -> EpochPlan:
         return self.prev.base
-
-    def slot(self, rank: int, worker: int) -> int:
-        return rank * self.workers_per_rank + worker
 
     def stream(self, slot: int) -> list[Piece]:
         return cut(self._rest, slot * self.samples_per_slot, (slot + 1) * self.samples_per_slot)

@@ -137,7 +137,7 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
         _log_files(cfg, out, result["mlflow_run_id"], [*files, out / EVAL_DIR / "best.json"])
         return report
     finally:
-        if dist.is_initialized():
+        if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

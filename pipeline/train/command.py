@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from pipeline.config import add_config_arguments, config_from_args
 from pipeline.errors import UserError
@@ -47,23 +48,25 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from pipeline.data.loader import PretrainLoader
-    from pipeline.data.shards import open_shard_set
+    from pipeline.data.shards import check_tokenizer, open_shard_set
     from pipeline.train.engine import init_distributed
     from pipeline.train.loop import run_training
     from pipeline.train.pretrain import PretrainTask, model_config_for_shards
 
     cfg = config_from_args(TrainJobConfig, args)
-    preflight(cfg, world_size=int(__import__("os").environ.get("WORLD_SIZE", 1)), cuda=torch.cuda.is_available())
+    preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)), cuda=torch.cuda.is_available())
+    # The shards, the model they fit and the tokenizer are checked before any process group exists.
+    if not cfg.data.shards:
+        raise UserError("data.shards: a shard directory is required (--data.shards DIR)")
+    shard_set = open_shard_set(cfg.data.shards, cfg.data.verify_shards, cfg.data.on_bad_shard)
+    model_cfg = model_config_for_shards(cfg.model, shard_set)
+    cfg.model = model_cfg  # the resolved config (saved with every checkpoint) names the real vocabulary
+    tokenizer = check_tokenizer(shard_set, cfg.tokenizer) if cfg.tokenizer else None
     info = init_distributed()
     try:
-        if not cfg.data.shards:
-            raise UserError("data.shards: a shard directory is required (--data.shards DIR)")
-        shard_set = open_shard_set(cfg.data.shards, cfg.data.verify_shards, cfg.data.on_bad_shard)
-        model_cfg = model_config_for_shards(cfg.model, shard_set)
-        cfg.model = model_cfg  # the resolved config (saved with every checkpoint) names the real vocabulary
         loader = PretrainLoader(
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
-            seed=cfg.train.seed, tokenizer=cfg.tokenizer or None, shard_set=shard_set,
+            seed=cfg.train.seed, tokenizer=tokenizer, shard_set=shard_set,
         )  # fmt: skip
         task = PretrainTask(model_cfg, loader, shard_set, info.device)
         result = run_training(
@@ -76,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
                                                      "skipped_overflow", "mlflow_run_id", "stopped_by_signal",
                                                      "checkpoint_dir")}))  # fmt: skip
     finally:
-        if dist.is_initialized():
+        if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -30,6 +30,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # init_distributed made the process group (so the command destroys it)
 
 
 def _free_port() -> int:
@@ -46,14 +47,16 @@ def init_distributed() -> DistInfo:
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     import deepspeed
+    import torch.distributed as dist
 
+    owns_group = not dist.is_initialized()  # else: a group of the process that called us (tests, notebooks)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return DistInfo(rank, world, local_rank, device)
+    return DistInfo(rank, world, local_rank, device, owns_group)
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
