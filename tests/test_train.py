@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -70,6 +71,10 @@ def test_golden_loss_curve(reference_run):
     assert list(golden) == list(got)
     for step, value in golden.items():
         assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-5), step
+    # The curve itself must move: a model that learns nothing stays at ln(2000) + ln(2) = 8.29 for every step.
+    uniform = math.log(2000) + math.log(2)
+    assert golden[1] == pytest.approx(uniform, abs=0.05)
+    assert sum(list(golden.values())[-4:]) / 4 < uniform - 0.8
 
 
 def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_path, process_group):
