@@ -18,6 +18,7 @@ from pipeline.data.config import DataConfig
 from pipeline.data.loader import PretrainLoader
 from pipeline.model.builder import build_model
 from pipeline.model.config import load_model_preset
+from pipeline.train.engine import param_groups
 from pipeline.train.lamb import Lamb
 
 
@@ -38,9 +39,7 @@ def one_batch(shards, batch_size: int = 16) -> dict[str, torch.Tensor]:
 def overfit(model, batch: dict, forward, steps: int, lr: float) -> list[tuple[float, object]]:
     """``steps`` LAMB steps on the same batch; returns (loss, output) after each."""
     torch.manual_seed(0)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = Lamb([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = Lamb(param_groups(model, 0.01), lr=lr)  # the trainer's groups: biases and LayerNorm not adapted
     history = []
     for step in range(steps):
         lr_now = lr * min(1.0, (step + 1) / 20)  # a short warmup, as every recipe has
