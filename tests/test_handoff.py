@@ -210,3 +210,65 @@ def test_register_fails_cleanly_when_the_store_is_unreachable(runs, tmp_path):
     proc = run_cli("export", "--checkpoint", str(runs["gpt"]), "--output", str(out), "--alias", "champion",
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "an alias needs a registered model" in proc.stderr
+
+
+def test_evaluation_results_go_into_the_cards_model_index(registered, tmp_path):
+    """What `evaluate` does to an export's card, from a result of the shape pipeline.evaluate.transfer gives."""
+    from pipeline.evaluate.command import _update_card
+
+    out, _, _, _ = registered
+    export = tmp_path / "export"
+    shutil.copytree(out, export)
+    runs = {
+        "pretrained": [{"accuracy": 0.40, "metric": "accuracy"}],
+        "random": [{"accuracy": 0.35, "metric": "accuracy"}],
+    }
+    from pipeline.evaluate.transfer import summarise
+
+    result = {"budget": {"seeds": [1234], "train_examples": 400, "epochs": 2, "lr": 5e-4},
+              "starts": {"pretrained": {}}, "tasks": {"social-iqa": {"runs": runs, **summarise(runs),
+                                                                     "kind": "multiple_choice"}}}  # fmt: skip
+    _update_card(open_pretrained(str(export)), result)
+    meta, text = read_card(export / "README.md")
+    (index,) = meta["model-index"]
+    (entry,) = index["results"]
+    assert index["name"] == "handoff-bert" and entry["task"]["type"] == "multiple-choice"
+    assert entry["dataset"]["name"] == "social-iqa" and entry["metrics"][0]["value"] == 0.4
+    assert "| social-iqa | accuracy | 0.4000 | 0.3500 | +0.0500 | 0.923 | 1/1 |" in text
+    from huggingface_hub import ModelCard
+
+    (parsed,) = ModelCard.load(export / "README.md").data.eval_results  # the Hub's own reading of model-index
+    assert (parsed.task_type, parsed.metric_type, parsed.metric_value) == ("multiple-choice", "accuracy", 0.4)
+    assert json.loads((export / "evaluation.json").read_text())["tasks"]["social-iqa"]["gain"]["pretrained"]
+
+
+def test_a_suite_skips_tasks_without_data_and_names_them(tmp_path):
+    from pipeline.evaluate.command import available
+
+    preset = tmp_path / "elsewhere.yaml"
+    preset.write_text("include: " + str(Path("configs/finetune/spam.yaml").resolve()) +
+                      "\ndata:\n  train:\n    path: /nowhere/mails.tgz\n")  # fmt: skip
+    keep, skipped = available(["demo-sentiment", str(preset)])
+    assert keep == ["demo-sentiment"] and skipped == {"elsewhere": "no data here: /nowhere/mails.tgz"}
+    with pytest.raises(UserError, match="task 'nope': no fine-tuning preset"):
+        available(["nope"])
+
+
+def test_runs_uri_fetches_an_export_logged_as_run_artifacts(registered, tmp_path):
+    """runs:/RUN_ID/PATH: an export logged as artifacts of a run (what export does without --register)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.export.registry import fetch
+
+    out, printed, store, _ = registered
+    run_id = printed["mlflow_run_id"]
+    MlflowClient(tracking_uri=store).log_artifacts(run_id, str(out), artifact_path="handoff-copy")
+    directory, origin = fetch(f"runs:/{run_id}/handoff-copy", store, tmp_path / "fetched", marker="manifest.json")
+    source = open_pretrained(str(directory))
+    assert source.lineage["registry"] == {**origin, "tracking_uri": store} and origin["path"] == "handoff-copy"
+    assert sha256_file(directory / "model.safetensors") == sha256_file(out / "model.safetensors")
+    with pytest.raises(UserError, match="holds no manifest.json; it is not a hand-off of this pipeline"):
+        fetch(f"runs:/{run_id}/handoff-copy/tokenizer.json", store, tmp_path / "file", marker="manifest.json")
+    with pytest.raises(UserError, match="no run 0123456789abcdef"):
+        fetch("runs:/0123456789abcdef/x", store, tmp_path / "none", marker="manifest.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fetched"]  # failed downloads leave nothing

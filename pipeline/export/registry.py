@@ -256,8 +256,11 @@ def resolve(client, uri: str, store: str) -> dict:
 
 
 def find_files(root: Path, marker: str) -> Path | None:
-    """Where the hand-off files are in a downloaded model: its root, or ``model/`` (the transformers flavour)."""
-    for candidate in (root, root / "model"):
+    """Where the hand-off files are in a download: its root, ``model/`` (the transformers flavour), or the one
+    directory a runs:/ download of a directory creates."""
+    entries = list(root.iterdir()) if root.is_dir() else []
+    tops = [root, *([entries[0]] if len(entries) == 1 and entries[0].is_dir() else [])]
+    for candidate in [d for top in tops for d in (top, top / "model")]:
         if (candidate / marker).is_file():
             return candidate
     return None
