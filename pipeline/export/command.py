@@ -93,7 +93,7 @@ def export(cfg: ExportJobConfig) -> dict:
     from pipeline.export.tokenizer import write_hf_tokenizer
     from pipeline.model.builder import build_model
     from pipeline.tokenizer.spm import file_record
-    from pipeline.train.loop import _git_commit
+    from pipeline.train.tracking import git_commit
 
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -134,7 +134,7 @@ def export(cfg: ExportJobConfig) -> dict:
         "training_config": source.training_config,
         "vocab_padding_stripped": model_cfg.padded_vocab_size - model_cfg.vocab_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "torch": torch.__version__,
     }
     manifest["card"] = {**to_dict(cfg.card), "name": cfg.card.model_name or cfg.registry.name or out.name,
