@@ -35,10 +35,29 @@ def runs(tmp_path_factory, small_tokenizer):
 def registered(runs, tmp_path_factory):
     """The BERT run exported and registered in its own sqlite store (new registered model, alias champion)."""
     out = tmp_path_factory.mktemp("handoff") / "bert"
+    store = f"sqlite:///{runs['bert'] / 'mlflow.db'}"
+    before = run_files(store, runs["bert"])
     proc = run_cli("export", "--checkpoint", str(runs["bert"]), "--output", str(out), "--register", "handoff-bert",
                    "--alias", "champion", "--card.license", "cc-by-4.0")  # fmt: skip
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out, printed, f"sqlite:///{runs['bert'] / 'mlflow.db'}", proc.stderr
+    assert run_files(store, runs["bert"]) == before  # uploaded as the model's files only, not also to the run
+    return out, printed, store, proc.stderr
+
+
+def run_files(store: str, run: Path) -> set[str]:
+    """Every artifact file of the pre-training run ``run`` (other tests may have logged exports to it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    run_id = json.loads((run / "checkpoints" / "step_00000004" / "checkpoint.json").read_text())["mlflow_run_id"]
+    files, todo = set(), [None]
+    while todo:
+        for item in client.list_artifacts(run_id, todo.pop()):
+            if item.is_dir:
+                todo.append(item.path)
+            else:
+                files.add(item.path)
+    return files
 
 
 def check_card(out: Path, run: Path, license: str = "other") -> tuple[dict, str]:
@@ -85,11 +104,11 @@ def test_register_on_export_tags_the_version_with_its_lineage(registered, runs):
     assert tags["data_manifest_sha256"] == manifest["data_manifest_sha256"]
     assert tags["tokenizer_sha256"] == manifest["tokenizer"]["sha256"] and tags["objective"] == "mlm+nsp"
     assert tags["git_commit"] == manifest["git_commit"]
-    # the files went up once, as the model's artifacts (not also as export/<tag> of the run)
+    # the files went up once, as the model's artifacts (the fixture checked that the run got none)
     model = client.get_logged_model(printed["registered"]["model_id"])
     assert model.source_run_id == manifest["mlflow_run_id"]
-    run_artifacts = {a.path for a in client.list_artifacts(manifest["mlflow_run_id"])}
-    assert "export" not in run_artifacts
+    logged = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert set(manifest["files"]) | {"manifest.json", "README.md"} == logged
     assert "models:/handoff-bert/1" in stderr  # how to load it
 
 

@@ -151,10 +151,22 @@ def register(
     source_uri: str = "",
 ) -> dict:
     """Log ``directory`` as a model of ``run_id`` and register it as a new version of ``cfg.name``."""
+    from mlflow.exceptions import MlflowException
+
+    client = connect(tracking_uri, create=True)
+    try:
+        return _log_and_register(client, directory, cfg, tracking_uri, run_id, experiment, tags, description, task,
+                                 step, source_uri)  # fmt: skip
+    except MlflowException as exc:  # a name the registry refuses, a store that stopped answering, ...
+        raise UserError(f"registering {cfg.name} in {tracking_uri} failed ({_first_line(exc)})") from None
+
+
+def _log_and_register(client, directory: Path, cfg: RegistryConfig, tracking_uri: str, run_id: str | None,
+                      experiment: str, tags: dict[str, str], description: str, task: str, step: int,
+                      source_uri: str) -> dict:  # fmt: skip
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
-    client = connect(tracking_uri, create=True)
     # The registry resolves a version's models:/<model_id> source through the process-wide tracking URI.
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
