@@ -130,3 +130,27 @@ def test_unigram_entropy_of_a_known_distribution():
     targets = torch.tensor([1, 1, 2, 3])  # p = 1/2, 1/4, 1/4
     assert unigram_entropy(targets) == pytest.approx(1.5 * math.log(2))
     assert unigram_entropy(torch.tensor(np.zeros(5, dtype=np.int64))) == 0.0
+
+
+def test_objective_nsp_weight_scales_the_next_sentence_loss(bert_shards):
+    """objective.nsp_weight: 0 trains masked LM only (the NSP head gets no gradient), 1 is the paper's sum."""
+    from pipeline.train.pretrain import PretrainTask
+
+    loader = PretrainLoader(DataConfig(shards=str(bert_shards), num_workers=0), micro_batch_size=8, seed=7)
+    batch = next(iter(loader.iterate(0, 0)))
+    model_cfg = load_model_preset("debug", {"vocab_size": 2000, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    losses = {}
+    for weight in (1.0, 0.5, 0.0):
+        task = PretrainTask(model_cfg, loader, loader.shard_set, torch.device("cpu"), nsp_weight=weight)
+        model.zero_grad(set_to_none=True)
+        step = task.forward(model, batch)
+        step.loss.backward()
+        nsp_grad = model.nsp_head.weight.grad
+        losses[weight] = (float(step.loss.detach()), nsp_grad is not None and bool(nsp_grad.abs().sum() > 0))
+    mlm = float(step.sums["mlm_loss_sum"] / step.sums["mlm_count"])
+    nsp = float(step.sums["nsp_loss_sum"] / step.sums["nsp_count"])
+    assert losses[1.0][0] == pytest.approx(mlm + nsp, rel=1e-5) and losses[1.0][1]
+    assert losses[0.5][0] == pytest.approx(mlm + 0.5 * nsp, rel=1e-5) and losses[0.5][1]
+    assert losses[0.0][0] == pytest.approx(mlm, rel=1e-5) and not losses[0.0][1]

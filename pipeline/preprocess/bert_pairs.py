@@ -7,14 +7,17 @@ Per document (documents shuffled first, then ``dupe_factor`` passes):
 - sentences are gathered into a chunk until it reaches the target length (or the document ends);
 - A is the first ``1..k-1`` sentences of the chunk (``k >= 2``);
 - B is, with probability ``random_next_prob`` (or always when the chunk holds one sentence), a run of
-  sentences from a random start in a *different* random document of the unit, up to the remaining length
-  (NotNext, ``is_random_next = 1``), and the chunk's unused sentences are put back to start the next chunk;
-  otherwise B is the rest of the chunk (IsNext);
+  sentences from a random start in a *different* random document of the random-next pool, up to the remaining
+  length (NotNext, ``is_random_next = 1``), and the chunk's unused sentences are put back to start the next
+  chunk; otherwise B is the rest of the chunk (IsNext);
 - while the pair is too long, the longer segment loses a token at its front or back, chosen at random.
 
-Two deliberate differences, both reported in the shard statistics: random-next documents come from the same
-work unit (not the whole corpus, which would not fit in memory), and a single-sentence document starts no
-pair of its own (it would always be NotNext) but stays available as random-next material.
+The random-next pool is the unit's own documents (``random_next_scope unit``) or documents read at seeded
+places anywhere in the input (``corpus``, see ``partners.py``): Google's draws from all documents of its input,
+which a memory-bounded sharder cannot hold. A single-sentence document either starts no pair of its own and is
+only random-next material (``random_next_only``), or, as in the original, is segment A of a pair whose B is
+random-next text (``notnext_pair``; always NotNext). Where each NotNext partner came from (the same unit, the
+same file, another file) is counted in the shard statistics.
 """
 
 from __future__ import annotations
@@ -29,7 +32,20 @@ class PairInstance:
     tokens_b: list[int]
     is_random_next: int
     doc: int  # index of A's document in the unit's (shuffled) document list
-    random_doc: int  # index of B's document when is_random_next, else -1
+    random_doc: int  # index of B's document in the random-next pool when is_random_next, else -1
+
+
+@dataclass
+class RandomNextPool:
+    """The documents NotNext segments are drawn from (sentences' token ids each), with, for each, the index of
+    the same document among the unit's (-1 when it is not one of them) and its input file."""
+
+    documents: list[list[list[int]]]
+    unit_index: list[int]
+    files: list[int]
+
+
+SINGLE_SENTENCE_MODES = ("random_next_only", "notnext_pair")
 
 
 def truncate_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int, rng: random.Random) -> int:
@@ -61,17 +77,38 @@ def truncate_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int,
     return removed
 
 
+def _draw_partner(pool: RandomNextPool, doc_id: int, doc_file: int, rng: random.Random, stats: dict) -> int:
+    """A random pool document other than A's own (ten tries, as the original), counted by its distance."""
+    for _ in range(10):
+        r = rng.randint(0, len(pool.documents) - 1)
+        if pool.unit_index[r] != doc_id:
+            break
+    if pool.unit_index[r] == doc_id:  # a pool that holds only A's document
+        kind = "random_next_same_document"
+    elif pool.unit_index[r] >= 0:
+        kind = "random_next_same_unit"
+    elif pool.files[r] == doc_file:
+        kind = "random_next_same_file"
+    else:
+        kind = "random_next_other_file"
+    stats[kind] = stats.get(kind, 0) + 1
+    return r
+
+
 def create_instances(
-    documents: list[list[list[int]]],
+    document: list[list[int]],
     document_index: int,
+    doc_id: int,
+    doc_file: int,
+    pool: RandomNextPool,
     seq_len: int,
     short_seq_prob: float,
     random_next_prob: float,
     rng: random.Random,
     stats: dict,
 ) -> list[PairInstance]:
-    """Pairs from one document. ``documents[d][s]`` is the token list of sentence ``s`` of document ``d``."""
-    document = documents[document_index]
+    """Pairs from one document: ``document[s]`` is the token list of its sentence ``s``; ``doc_id`` is its index
+    in the unit as read (what ``pool.unit_index`` refers to), ``document_index`` its place after shuffling."""
     max_num_tokens = seq_len - 3
     target_seq_length = max_num_tokens
     if rng.random() < short_seq_prob:
@@ -99,15 +136,8 @@ def create_instances(
                 if len(current_chunk) == 1 or rng.random() < random_next_prob:
                     is_random_next = 1
                     target_b_length = target_seq_length - len(tokens_a)
-                    # Ten tries at a different document, as the original; a unit with one document can only
-                    # fall back to itself (counted).
-                    for _ in range(10):
-                        random_doc = rng.randint(0, len(documents) - 1)
-                        if random_doc != document_index:
-                            break
-                    if random_doc == document_index:
-                        stats["random_next_same_document"] = stats.get("random_next_same_document", 0) + 1
-                    random_document = documents[random_doc]
+                    random_doc = _draw_partner(pool, doc_id, doc_file, rng, stats)
+                    random_document = pool.documents[random_doc]
                     random_start = rng.randint(0, len(random_document) - 1)
                     for j in range(random_start, len(random_document)):
                         tokens_b.extend(random_document[j])
@@ -141,16 +171,33 @@ def create_unit_instances(
     dupe_factor: int,
     rng: random.Random,
     stats: dict,
+    pool: RandomNextPool | None = None,
+    single_sentence: str = "random_next_only",
+    files: list[int] | None = None,
 ) -> tuple[list[PairInstance], list[int]]:
-    """All pairs of a unit, shuffled. Returns the instances and the document order used (for provenance)."""
+    """All pairs of a unit, shuffled. Returns the instances and the document order used (for provenance).
+
+    ``documents`` must each hold at least one sentence. ``pool``: where NotNext segments come from (default:
+    the unit's documents, in their shuffled order). ``files``: each document's input file (for the statistics).
+    """
+    assert single_sentence in SINGLE_SENTENCE_MODES, single_sentence
+    files = files if files is not None else [0] * len(documents)
     order = list(range(len(documents)))
     rng.shuffle(order)
     shuffled = [documents[k] for k in order]
+    if pool is None:
+        pool = RandomNextPool(shuffled, order, [files[k] for k in order])
     instances: list[PairInstance] = []
     for _ in range(dupe_factor):
         for d in range(len(shuffled)):
-            if len(shuffled[d]) < 2:
-                continue  # single-sentence documents: random-next material only
-            instances.extend(create_instances(shuffled, d, seq_len, short_seq_prob, random_next_prob, rng, stats))
+            single = len(shuffled[d]) < 2
+            if single and single_sentence == "random_next_only":
+                continue  # random-next material only
+            made = create_instances(
+                shuffled[d], d, order[d], files[order[d]], pool, seq_len, short_seq_prob, random_next_prob, rng, stats
+            )
+            if single:
+                stats["single_sentence_pairs"] = stats.get("single_sentence_pairs", 0) + len(made)
+            instances.extend(made)
     rng.shuffle(instances)
     return instances, order

@@ -29,6 +29,22 @@ class ShardDataConfig:
     seed: int = option(12345, "seed of every random choice (per work unit)", aliases=("--seed",))
     short_seq_prob: float = option(0.1, "BERT: probability of a shorter target length for a document's chunks")
     random_next_prob: float = option(0.5, "BERT: probability that segment B comes from a random other document")
+    random_next_scope: Literal["corpus", "unit"] = option(
+        "corpus",
+        "BERT: where NotNext segments come from: corpus (documents from seeded places anywhere in the input, as"
+        " Google's recipe draws from all documents) or unit (the unit's own, neighbouring documents)",
+    )
+    random_next_windows: int = option(
+        16, "BERT, corpus scope: places in the input (seeded per unit) whose documents a unit draws NotNext from"
+    )
+    random_next_window_bytes: int = option(
+        8192, "BERT, corpus scope: text read at each place (whole documents; a longer one gives an excerpt)"
+    )
+    single_sentence_documents: Literal["random_next_only", "notnext_pair"] = option(
+        "random_next_only",
+        "BERT: a one-sentence document is only NotNext material (random_next_only), or also segment A of a pair"
+        " whose B is random-next text, always NotNext (notnext_pair: Google's create_pretraining_data.py)",
+    )
     dupe_factor: int = option(1, "BERT: passes over each unit's documents, each with different random choices")
     static_masking: bool = option(False, "BERT: bake masks into the shards (the original recipe) instead of dynamic")
     masked_lm_prob: float = option(0.15, "BERT static masking: share of tokens to predict")
@@ -44,6 +60,10 @@ class ShardDataConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name} must be within [0, 1], got {value}")
+        if self.random_next_windows < 1:
+            raise ValueError("data.random_next_windows must be >= 1")
+        if self.random_next_window_bytes < 256:
+            raise ValueError("data.random_next_window_bytes must be >= 256")
         if self.dupe_factor < 1:
             raise ValueError("data.dupe_factor must be >= 1")
         if self.unit_bytes < 1024:

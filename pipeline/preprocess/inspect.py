@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.preprocess.manifest import load_manifest
-from pipeline.preprocess.report import format_read_problems
+from pipeline.preprocess.report import format_read_problems, partner_distances, single_sentence_summary
 from pipeline.preprocess.samples import GPT_FIELD, npy_load, parse_bert
 from pipeline.progress import progress_bar
 from pipeline.tokenizer.spm import sha256_file
@@ -59,9 +59,15 @@ def summary_lines(manifest: dict, bins: int) -> list[str]:
         f"{totals['bytes'] / 1e6:.1f} MB, from {len(manifest['inputs'])} input files",
     ]
     read = stats.get("read", {})
+    data = manifest.get("config", {}).get("data", {})
     lines.append(
         f"documents {read.get('counts', {}).get('documents', 0)}"
         + (f", sentences {stats['sentences']}" if stats.get("sentences") else "")
+        + (
+            f", {single_sentence_summary(stats, data.get('single_sentence_documents'))}"
+            if stats.get("sentences")
+            else ""
+        )
     )
     lines += format_read_problems(read)
     if manifest["objective"] == "bert" and totals["samples"]:
@@ -70,6 +76,9 @@ def summary_lines(manifest: dict, bins: int) -> list[str]:
             f"NSP: IsNext {totals['samples'] - nn} ({1 - nn / totals['samples']:.1%}), "
             f"NotNext {nn} ({nn / totals['samples']:.1%})"
         )
+        partners = partner_distances(stats)
+        if partners:
+            lines.append(f"{partners} (random_next_scope {data.get('random_next_scope', 'unit')})")
     buckets = length_bins(stats.get("length_histogram", []), bins)
     if buckets:
         top = max(c for _, _, c in buckets) or 1

@@ -24,10 +24,12 @@ PLAN = ".plan.json"
 PARTS_DIR = "parts"
 FORMAT = "pipeline-shards/1"
 
-_SUMMED = (
+SUMMED_STATS = (
     "documents",
     "sentences",
     "single_sentence_documents",
+    "single_sentence_pairs",
+    "documents_without_tokens",
     "input_tokens",
     "samples",
     "tokens",
@@ -35,6 +37,12 @@ _SUMMED = (
     "truncated_pairs",
     "truncated_tokens",
     "random_next_same_document",
+    "random_next_same_unit",
+    "random_next_same_file",
+    "random_next_other_file",
+    "random_next_fallback_units",
+    "random_next_pool_documents",
+    "random_next_pool_tokens",
     "empty_segment_pairs",
     "tail_tokens_dropped",
 )
@@ -83,7 +91,7 @@ def build_manifest(plan: dict, entries: list[dict], header: dict) -> dict:
             for shard in unit["shards"]:
                 shards.append({**shard, "unit": unit["unit"]})
             unit_stats = unit["stats"]
-            stats.update({k: unit_stats[k] for k in _SUMMED if k in unit_stats})
+            stats.update({k: unit_stats[k] for k in SUMMED_STATS if k in unit_stats})
             histograms.append(unit_stats["length_histogram"])
         read.merge(ReadStats.from_json(entry["read"]))
         long_cuts += entry.get("long_sentences_cut", 0)
@@ -100,7 +108,7 @@ def build_manifest(plan: dict, entries: list[dict], header: dict) -> dict:
         "tokens": sum(s["tokens"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
     }
-    run_stats = {k: stats.get(k, 0) for k in _SUMMED if k in stats}
+    run_stats = {k: stats.get(k, 0) for k in SUMMED_STATS if k in stats}
     run_stats["long_sentences_cut"] = long_cuts
     run_stats["read"] = read.to_json()
     run_stats["ignored_paths"] = plan.get("ignored", [])

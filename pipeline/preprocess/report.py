@@ -13,6 +13,29 @@ SKIP_REASONS = {
     "null_text": "parquet rows with a null text (skipped)",
 }
 MAX_FILES_SHOWN = 10
+# Where NotNext segments came from, nearest first (bert_pairs.py counts each pair in one of these).
+PARTNER_DISTANCES = {
+    "random_next_same_document": "A's own document (a pool of one)",
+    "random_next_same_unit": "same unit",
+    "random_next_same_file": "same file, other unit",
+    "random_next_other_file": "other file",
+}
+
+
+def partner_distances(stats: dict) -> str | None:
+    """``NotNext partners: other file 95.0%, same unit 5.0%`` (None for GPT or shards of older versions)."""
+    counts = {label: stats.get(key, 0) for key, label in PARTNER_DISTANCES.items()}
+    total = sum(counts.values())
+    if not total:
+        return None
+    return "NotNext partners: " + ", ".join(f"{label} {n / total:.1%}" for label, n in counts.items() if n)
+
+
+def single_sentence_summary(stats: dict, mode: str | None) -> str:
+    n = stats.get("single_sentence_documents", 0)
+    if mode == "notnext_pair":
+        return f"single-sentence documents {n} (segment A of {stats.get('single_sentence_pairs', 0)} NotNext pairs)"
+    return f"single-sentence documents {n} (random-next material only)"
 
 
 def format_read_problems(read: dict) -> list[str]:
@@ -44,9 +67,9 @@ def print_report(report: dict) -> None:
     if ignored:
         print(f"  paths of unsupported formats not read: {len(ignored)} (e.g. {ignored[0]['path']})")
     if stats.get("sentences"):
+        singles = single_sentence_summary(stats, report.get("single_sentence_documents"))
         print(
-            f"  sentences {stats['sentences']}, single-sentence documents {stats.get('single_sentence_documents', 0)}"
-            " (random-next material only)"
+            f"  sentences {stats['sentences']}, {singles}"
             + (f", over-long sentences cut {stats['long_sentences_cut']}" if stats.get("long_sentences_cut") else "")
         )
     line = f"  samples {totals['samples']}, tokens {totals['tokens']}, shards {totals['shards']}"
@@ -55,9 +78,13 @@ def print_report(report: dict) -> None:
     print(line)
     if stats.get("tail_tokens_dropped"):
         print(f"  tokens in the last partial block of each unit (not written): {stats['tail_tokens_dropped']}")
-    if stats.get("random_next_same_document"):
+    partners = partner_distances(stats)
+    if partners:
+        print(f"  {partners} (random_next_scope {report.get('random_next_scope')})")
+    if stats.get("random_next_fallback_units"):
         print(
-            f"  random-next drawn from the same document (unit with one document): {stats['random_next_same_document']}"
+            f"  units that drew NotNext from their own documents (no other input reachable): "
+            f"{stats['random_next_fallback_units']}"
         )
     print(
         f"  {report['seconds']:.1f} s, {report['documents_per_second']:.0f} documents/s, "

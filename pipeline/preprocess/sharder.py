@@ -21,12 +21,14 @@ from pipeline.preprocess.manifest import (
     MANIFEST,
     PARTS_DIR,
     PLAN,
+    SUMMED_STATS,
     build_manifest,
     completed_job,
     job_entry,
     part_path,
     write_manifest,
 )
+from pipeline.preprocess.partners import PartnerIndex
 from pipeline.preprocess.plan import Job, input_fingerprint, plan_fingerprint, plan_jobs
 from pipeline.preprocess.records import (
     RECORDS_DIR,
@@ -125,7 +127,16 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
     if reused_jobs:
         log.info("resuming: %d of %d jobs already complete and verified", reused_jobs, len(mine))
 
-    ctx = WorkerContext(cfg=cfg, files=files, tokenizer=tokenizer, out_dir=out)
+    partners = PartnerIndex(jobs, files, cfg.input)
+    if cfg.data.objective == "bert" and cfg.data.random_next_scope == "corpus" and partners.unreachable_bytes:
+        share = partners.unreachable_bytes / max(sum(j.size for j in jobs), 1)
+        log.warning(
+            "random-next partners: %.0f%% of the input (compressed files read as one stream) cannot be reached at "
+            "random places and is left out of the draw; decompress them to include it%s",
+            100 * share,
+            "" if partners.total_bytes else " (nothing is reachable: every unit draws from its own documents)",
+        )
+    ctx = WorkerContext(cfg=cfg, files=files, tokenizer=tokenizer, out_dir=out, partners=partners)
     workers = min(cfg.run.resolved_workers(), max(1, len(pending)))
     # Largest jobs first so that the last job to finish is a small one (the output order is fixed anyway).
     pending.sort(key=lambda j: (-j.size, j.index))
@@ -192,6 +203,9 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         "stats": stats,
         "manifest_written": manifest is not None,
     }
+    if cfg.data.objective == "bert":
+        report["random_next_scope"] = cfg.data.random_next_scope
+        report["single_sentence_documents"] = cfg.data.single_sentence_documents
     if num_tasks == 1:
         write_json_atomic(out / "report.json", report)
     return report
@@ -209,7 +223,8 @@ def _task_summary(entries: list[dict]) -> tuple[dict, dict]:
                 totals["shards"] += 1
                 for key in ("samples", "tokens", "bytes"):
                     totals[key] += shard[key]
-            for key in stats:
-                stats[key] += unit["stats"].get(key, 0)
+            for key in SUMMED_STATS:
+                if key in unit["stats"]:
+                    stats[key] = stats.get(key, 0) + unit["stats"][key]
     stats["read"] = read.to_json()
     return totals, stats

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.preprocess.bert_pairs import create_unit_instances
+from pipeline.preprocess.bert_pairs import RandomNextPool, create_unit_instances
 from pipeline.preprocess.config import ShardJobConfig
+from pipeline.preprocess.partners import PartnerDocument, PartnerIndex
 from pipeline.preprocess.plan import Job, iter_units, job_documents
 from pipeline.preprocess.records import (
     UnitShardWriter,
@@ -37,6 +38,7 @@ class WorkerContext:
     files: list[InputFile]
     tokenizer: Tokenizer
     out_dir: Path
+    partners: PartnerIndex  # where corpus-scope random-next windows may fall
     splitter: SentenceSplitter | None = None  # built per process by init_worker
 
 
@@ -106,6 +108,12 @@ def _histogram(lengths: list[int], size: int) -> list[int]:
     return np.bincount(np.asarray(lengths, dtype=np.int64), minlength=size + 1)[: size + 1].tolist()
 
 
+def _partner_sentences(splitter: SentenceSplitter, partner: PartnerDocument) -> list[str]:
+    """An excerpt's cut first and last sentences are partial: not sentences of the document."""
+    sentences = splitter.split(partner.text)
+    return sentences[int(partner.cut_head) : len(sentences) - int(partner.cut_tail)]
+
+
 def _bert_unit(ctx: WorkerContext, job: Job, unit: int, docs: list[Document], writer: UnitShardWriter) -> dict:
     data = ctx.cfg.data
     tok = ctx.tokenizer
@@ -113,20 +121,58 @@ def _bert_unit(ctx: WorkerContext, job: Job, unit: int, docs: list[Document], wr
     rng = random.Random(f"{data.seed}/{job.index}/{unit}")
     splitter = ctx.splitter
     sentence_lists = [splitter.split(d.text) for d in docs]
-    encoded = tok.encode([s for sentences in sentence_lists for s in sentences])
+    partners: list[PartnerDocument] = []
+    partner_lists: list[list[str]] = []
+    if data.random_next_scope == "corpus":
+        window_rng = random.Random(f"{data.seed}/{job.index}/{unit}/random-next")
+        partners = ctx.partners.pool(window_rng, data.random_next_windows, data.random_next_window_bytes)
+        cuts = getattr(splitter, "num_long_cuts", None)
+        partner_lists = [_partner_sentences(splitter, p) for p in partners]
+        if cuts is not None:  # the report counts cuts in the input's own documents only
+            splitter.num_long_cuts = cuts
+    encoded = tok.encode([s for sentences in (*sentence_lists, *partner_lists) for s in sentences])
     documents: list[list[list[int]]] = []
     k = 0
     for sentences in sentence_lists:
         documents.append([ids for ids in encoded[k : k + len(sentences)] if ids])
         k += len(sentences)
-    stats: dict = {
-        "documents": len(docs),
-        "sentences": k,
-        "single_sentence_documents": sum(1 for d in documents if len(d) < 2),
-        "input_tokens": sum(len(ids) for ids in encoded),
-    }
+    num_sentences = k
+    input_tokens = sum(len(ids) for ids in encoded[:k])
+    file_index = ctx.partners.file_index
+    kept = [i for i, d in enumerate(documents) if d]
+    doc_files = [file_index[docs[i].path] for i in kept]
+    stats: dict = {"documents": len(docs), "sentences": num_sentences, "input_tokens": input_tokens}
+    if len(kept) < len(documents):  # e.g. only characters that SentencePiece normalises away
+        stats["documents_without_tokens"] = len(documents) - len(kept)
+    documents = [documents[i] for i in kept]
+    stats["single_sentence_documents"] = sum(1 for d in documents if len(d) == 1)
+    pool = None
+    if data.random_next_scope == "corpus":
+        in_unit = {(doc_files[j], docs[i].offset): j for j, i in enumerate(kept)}
+        pool = RandomNextPool([], [], [])
+        for partner, sentences in zip(partners, partner_lists, strict=True):
+            ids = [x for x in encoded[k : k + len(sentences)] if x]
+            k += len(sentences)
+            if ids:
+                pool.documents.append(ids)
+                pool.unit_index.append(in_unit.get((partner.file, partner.offset), -1))
+                pool.files.append(partner.file)
+        stats["random_next_pool_documents"] = len(pool.documents)
+        stats["random_next_pool_tokens"] = sum(len(x) for d in pool.documents for x in d)
+        if not pool.documents:  # nothing reachable (or readable) in the input: the unit is its own pool
+            stats["random_next_fallback_units"] = 1
+            pool = None
     instances, _ = create_unit_instances(
-        documents, data.seq_len, data.short_seq_prob, data.random_next_prob, data.dupe_factor, rng, stats
+        documents,
+        data.seq_len,
+        data.short_seq_prob,
+        data.random_next_prob,
+        data.dupe_factor,
+        rng,
+        stats,
+        pool=pool,
+        single_sentence=data.single_sentence_documents,
+        files=doc_files,
     )
     dtype = tok.token_dtype
     lengths: list[int] = []

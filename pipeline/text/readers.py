@@ -75,6 +75,8 @@ class InputFile:
 class Document:
     text: str
     source: str  # "path" or "path:line" / "path#row": where a sample came from
+    path: str = ""  # the input file
+    offset: int = 0  # where it starts in the file (decompressed byte, Parquet row; 0 for whole files): its identity
 
 
 @dataclass
@@ -186,7 +188,7 @@ def decode(raw: bytes, path: str, cfg: InputConfig, stats: ReadStats, where: str
         return raw.decode("utf-8", errors="replace")
 
 
-def _open_binary(f: InputFile):
+def open_binary(f: InputFile):
     return gzip.open(f.path, "rb") if f.compressed else open(f.path, "rb")
 
 
@@ -194,44 +196,77 @@ def _open_binary(f: InputFile):
 # Per-format readers. Each yields Documents and records every skip in `stats`.
 
 
-def _emit(text: str | None, source: str, path: str, stats: ReadStats) -> Iterator[Document]:
+def _emit(text: str | None, source: str, path: str, stats: ReadStats, offset: int = 0) -> Iterator[Document]:
     if text is None:
         return
     if not text.strip():
         stats.issue(path, "empty_documents", source)
         return
     stats.counts["documents"] += 1
-    yield Document(text=text, source=source)
+    yield Document(text=text, source=source, path=path, offset=offset)
 
 
-def read_txt(f: InputFile, cfg: InputConfig, stats: ReadStats) -> Iterator[Document]:
+def read_txt(f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0) -> Iterator[Document]:
+    """Whole file, or (``blank_lines``) its documents; with ``start > 0`` only those after the first blank line
+    at or after byte ``start`` (an uncompressed file is seeked; line numbers are then unknown and sources carry
+    byte offsets)."""
     if cfg.txt_documents == "file":
-        with _open_binary(f) as fh:
+        with open_binary(f) as fh:
             raw = fh.read()
         stats.counts["bytes"] += len(raw)
         yield from _emit(decode(raw, f.path, cfg, stats), f.path, f.path, stats)
         return
     # blank_lines: stream line by line so that a huge file never sits in memory whole.
     buf: list[str] = []
-    start_line = 1
-    with _open_binary(f) as fh:
-        for lineno, raw in enumerate(fh, 1):
+    start_line = doc_start = 0
+    with open_binary(f) as fh:
+        pos, lineno, skipping = _skip_to(fh, f, start), 1, start > 0
+        for raw in fh:
+            line_pos = pos
+            pos += len(raw)
+            lineno += 1
+            if skipping:  # inside the document that straddles `start`: wait for a blank line
+                skipping = bool(raw.strip())
+                continue
             stats.counts["bytes"] += len(raw)
-            line = decode(raw, f.path, cfg, stats, f"line {lineno} ")
+            line = decode(raw, f.path, cfg, stats, f"line {lineno - 1} ")
             if line is None or line.strip():
                 if line is not None:
                     if not buf:
-                        start_line = lineno
+                        start_line, doc_start = lineno - 1, line_pos
                     buf.append(line)
                 continue
             if buf:
-                yield from _emit("".join(buf), f"{f.path}:{start_line}", f.path, stats)
+                yield from _emit("".join(buf), _where(f, start, start_line, doc_start), f.path, stats, doc_start)
                 buf = []
     if buf:
-        yield from _emit("".join(buf), f"{f.path}:{start_line}", f.path, stats)
+        yield from _emit("".join(buf), _where(f, start, start_line, doc_start), f.path, stats, doc_start)
 
 
-def _jsonl_document(raw: bytes, lineno: int, f: InputFile, cfg: InputConfig, stats: ReadStats) -> Iterator[Document]:
+def _skip_to(fh, f: InputFile, start: int) -> int:
+    """Position ``fh`` at ``start`` (a seek, or for a compressed file reading and discarding); returns it."""
+    if start <= 0:
+        return 0
+    if not f.compressed:
+        fh.seek(start)
+        return start
+    pos = 0
+    while pos < start:
+        chunk = fh.read(min(start - pos, 1 << 22))
+        if not chunk:
+            break
+        pos += len(chunk)
+    return pos
+
+
+def _where(f: InputFile, start: int, lineno: int, offset: int) -> str:
+    """A document's source: ``path:line`` when lines were counted from the top, else ``path@byte``."""
+    return f"{f.path}:{lineno}" if start <= 0 else f"{f.path}@{offset}"
+
+
+def _jsonl_document(
+    raw: bytes, lineno: int, f: InputFile, cfg: InputConfig, stats: ReadStats, offset: int = 0, source: str = ""
+) -> Iterator[Document]:
     if not raw.strip():
         return  # blank lines between records are not documents
     line = decode(raw, f.path, cfg, stats, f"line {lineno} ")
@@ -249,20 +284,26 @@ def _jsonl_document(raw: bytes, lineno: int, f: InputFile, cfg: InputConfig, sta
     if not isinstance(text, str):
         stats.issue(f.path, "non_string_text", f"line {lineno}: {cfg.jsonl_field!r} is {type(text).__name__}")
         return
-    yield from _emit(text, f"{f.path}:{lineno}", f.path, stats)
+    yield from _emit(text, source or f"{f.path}:{lineno}", f.path, stats, offset)
 
 
-def read_jsonl(f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0, end: int | None = None):
+def read_jsonl(
+    f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0, end: int | None = None, seek: bool = False
+):
     """Whole file, or the lines whose first byte lies in ``[start, end)``.
 
     Offsets are in the decompressed stream for ``.jsonl.gz``: a range job of a compressed file decompresses
     and discards the bytes before its range (the planner only splits compressed files that are small enough
-    for this to be cheaper than reading them in one worker).
+    for this to be cheaper than reading them in one worker). ``seek``: jump to ``start`` without counting the
+    lines before it (an uncompressed file is seeked); sources then carry byte offsets (``path@byte``).
     """
-    with _open_binary(f) as fh:
+    with open_binary(f) as fh:
         lineno = 1
         pos = 0
-        if start > 0:
+        if start > 0 and seek:
+            pos = _skip_to(fh, f, start - 1)
+            lineno = 0  # unknown
+        elif start > 0:
             # Advance to start - 1 reading forward (gzip streams cannot jump); line numbers are only for
             # messages, and counting newlines in the skipped bytes is one C-level pass.
             while pos < start - 1:
@@ -271,6 +312,7 @@ def read_jsonl(f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0,
                     break
                 lineno += chunk.count(b"\n")
                 pos += len(chunk)
+        if start > 0:
             # A line that started before `start` belongs to the previous range: skip to the next line start.
             rest = fh.readline()
             lineno += rest.count(b"\n")
@@ -279,10 +321,12 @@ def read_jsonl(f: InputFile, cfg: InputConfig, stats: ReadStats, start: int = 0,
             raw = fh.readline()
             if not raw:
                 break
-            pos += len(raw)
+            source = f"{f.path}@{pos}" if lineno <= 0 else ""
             stats.counts["bytes"] += len(raw)
-            yield from _jsonl_document(raw, lineno, f, cfg, stats)
-            lineno += 1
+            yield from _jsonl_document(raw, lineno, f, cfg, stats, pos, source)
+            pos += len(raw)
+            if lineno > 0:
+                lineno += 1
 
 
 def gzip_uncompressed_size(path: str) -> int | None:
@@ -298,15 +342,23 @@ def gzip_uncompressed_size(path: str) -> int | None:
     return isize if compressed < (1 << 32) and isize >= compressed // 2 else None
 
 
-def read_parquet(f: InputFile, cfg: InputConfig, stats: ReadStats, row_groups: list[int] | None = None):
+def read_parquet(
+    f: InputFile, cfg: InputConfig, stats: ReadStats, row_groups: list[int] | None = None, skip_rows: int = 0
+):
+    """The text column of the given row groups (all by default), after the first ``skip_rows`` of them."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f.path)
     groups = list(range(pf.num_row_groups)) if row_groups is None else row_groups
     row = sum(pf.metadata.row_group(i).num_rows for i in range(groups[0])) if groups else 0
     for batch in pf.iter_batches(batch_size=cfg.parquet_batch_rows, row_groups=groups, columns=[cfg.parquet_column]):
+        if skip_rows >= batch.num_rows:  # whole batches are skipped without converting them to Python
+            skip_rows -= batch.num_rows
+            row += batch.num_rows
+            continue
         column = batch.column(0)
-        for value in column.to_pylist():
+        row += skip_rows
+        for value in column.to_pylist()[skip_rows:]:
             source = f"{f.path}#{row}"
             row += 1
             if value is None:
@@ -315,7 +367,8 @@ def read_parquet(f: InputFile, cfg: InputConfig, stats: ReadStats, row_groups: l
             if isinstance(value, bytes):
                 value = decode(value, f.path, cfg, stats, f"row {row - 1} ")
             stats.counts["bytes"] += len(value) if value else 0
-            yield from _emit(value, source, f.path, stats)
+            yield from _emit(value, source, f.path, stats, row - 1)
+        skip_rows = 0
 
 
 def check_parquet_schema(f: InputFile, cfg: InputConfig) -> int:

@@ -19,8 +19,16 @@ from pipeline.train.loop import StepOutput, host_max_labels, host_padding
 
 
 class PretrainTask:
-    def __init__(self, model_cfg: ModelConfig, loader: PretrainLoader, shard_set: ShardSet, device: torch.device):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        loader: PretrainLoader,
+        shard_set: ShardSet,
+        device: torch.device,
+        nsp_weight: float = 1.0,
+    ):
         self.model_cfg = model_cfg
+        self.nsp_weight = nsp_weight
         self.loader = loader
         self.shard_set = shard_set
         self.device = device
@@ -60,11 +68,13 @@ class PretrainTask:
                 "nsp_correct": out.nsp_correct,
                 "nsp_count": out.nsp_count,
             }
+            loss = out.loss if self.nsp_weight == 1.0 else out.mlm_loss + self.nsp_weight * out.nsp_loss
         else:
             out = model(batch["input_ids"], attention_mask=attention_mask, labels=batch["labels"],
                         max_labels_per_row=max_labels)  # fmt: skip
             sums = {"lm_loss_sum": out.loss.detach() * out.count, "lm_correct": out.correct, "lm_count": out.count}
-        return StepOutput(loss=out.loss, sums=sums, tokens=tokens)
+            loss = out.loss
+        return StepOutput(loss=loss, sums=sums, tokens=tokens)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         def ratio(a: str, b: str) -> float | None:
