@@ -291,3 +291,18 @@ def test_runs_uri_fetches_an_export_logged_as_run_artifacts(registered, tmp_path
     with pytest.raises(UserError, match="no run 0123456789abcdef"):
         fetch("runs:/0123456789abcdef/x", store, tmp_path / "none", marker="manifest.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fetched"]  # failed downloads leave nothing
+
+
+def test_the_card_states_the_objective_and_schedule_as_configured(registered):
+    from pipeline.export.card import metadata, objective_tag, render
+
+    out, _, _, _ = registered
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert objective_tag("bert", manifest["training_config"]) == "mlm+nsp"
+    manifest["training_config"]["objective"] = {"nsp_weight": 0.0}
+    assert objective_tag("bert", manifest["training_config"]) == "mlm"
+    assert "mlm" in metadata(manifest, "x", None)["tags"]
+    assert "only (objective.nsp_weight 0: the next-sentence head was not trained)" in render(manifest, "x")
+    assert "schedule: 4 warm-up steps" in render(manifest, "x")  # the debug preset's
+    manifest["training_config"]["schedule"].update(warmup_steps=-1, warmup_ratio=0.01)  # -1: the ratio decides
+    assert "schedule: warm-up over 1.0% of train.max_steps" in render(manifest, "x")

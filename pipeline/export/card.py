@@ -55,12 +55,22 @@ def _objective(arch: str, training: dict) -> str:
     data = training.get("data", {})
     mask = data.get("mask_prob", 0.15)
     wwm = ", whole-word masking" if data.get("whole_word_mask") else ""
-    return (f"masked language modelling ({mask:.0%} of tokens, at most {data.get('max_predictions_per_seq', '?')} "
-            f"per sequence{wwm}) + next-sentence prediction")  # fmt: skip
+    mlm = f"masked language modelling ({mask:.0%} of tokens, at most {data.get('max_predictions_per_seq', '?')} per "
+    nsp_weight = _nsp_weight(training)
+    if nsp_weight == 0:
+        return f"{mlm}sequence{wwm}) only (objective.nsp_weight 0: the next-sentence head was not trained)"
+    weight = "" if nsp_weight == 1 else f" (weight {nsp_weight})"
+    return f"{mlm}sequence{wwm}) + next-sentence prediction{weight}"
 
 
-def objective_tag(arch: str) -> str:
-    return "causal-lm" if arch == "gpt" else "mlm+nsp"
+def _nsp_weight(training: dict) -> float:
+    return float((training.get("objective") or {}).get("nsp_weight", 1.0))
+
+
+def objective_tag(arch: str, training: dict | None = None) -> str:
+    if arch == "gpt":
+        return "causal-lm"
+    return "mlm" if _nsp_weight(training or {}) == 0 else "mlm+nsp"
 
 
 def model_index(name: str, evaluation: dict) -> list[dict]:
@@ -84,7 +94,7 @@ def metadata(manifest: dict, name: str, evaluation: dict | None) -> dict:
         "license": card.get("license", "other"),
         "library_name": "transformers",
         "pipeline_tag": PIPELINE_TAGS[arch],
-        "tags": [manifest["architecture"], "pipeline-export", objective_tag(arch)],
+        "tags": [manifest["architecture"], "pipeline-export", objective_tag(arch, manifest.get("training_config"))],
         "datasets": card.get("data", {}).get("datasets") or [],
     }
     index = model_index(name, evaluation or {})
@@ -107,8 +117,8 @@ def render(manifest: dict, name: str, evaluation: dict | None = None, registered
     meta = yaml.safe_dump(metadata(manifest, name, evaluation), sort_keys=False, allow_unicode=True)
     head = "AutoModelForMaskedLM" if arch == "bert" else "AutoModelForCausalLM"
     seq_len = data.get("seq_len") or model.get("max_position_embeddings")
-    warmup = (f"{schedule['warmup_steps']} warm-up steps" if schedule.get("warmup_steps")
-              else f"warm-up over {schedule.get('warmup_ratio', 0):.1%} of the steps")  # fmt: skip
+    warmup = (f"{schedule['warmup_steps']} warm-up steps" if schedule.get("warmup_steps", -1) >= 0
+              else f"warm-up over {schedule.get('warmup_ratio', 0):.1%} of train.max_steps")  # fmt: skip
     lines = [
         "---",
         meta.rstrip(),
@@ -146,7 +156,8 @@ def render(manifest: dict, name: str, evaluation: dict | None = None, registered
         f"- Optimizer: {optim.get('name')} lr {optim.get('lr')}, betas {optim.get('betas')}, weight decay "
         f"{optim.get('weight_decay')}; schedule: {warmup}, then {schedule.get('decay')} decay.",
         f"- Precision {lineage.get('precision')}, DeepSpeed ZeRO stage {lineage.get('zero_stage')}, "
-        f"{lineage.get('world_size')} process(es); hardware: {card.get('hardware') or 'not recorded'}; wall time: "
+        f"{lineage.get('world_size')} process(es); hardware: {card.get('hardware') or 'not recorded'}; wall time "
+        f"from the MLflow run's start to this checkpoint (pauses between restarts included): "
         f"{card.get('wall_time') or 'not recorded'}.",
         f"- Final pre-training metrics (step {card.get('final_metrics_step', manifest['step'])}): "
         f"{_metrics_line(card.get('final_metrics', {}))}.",

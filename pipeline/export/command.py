@@ -240,7 +240,7 @@ def register_export(cfg: ExportJobConfig, out: Path, manifest: dict) -> dict:
         "data_manifest_sha256": manifest["data_manifest_sha256"],
         "tokenizer_sha256": manifest["tokenizer"]["sha256"],
         "git_commit": manifest["git_commit"],
-        "objective": objective_tag(manifest["arch"]),
+        "objective": objective_tag(manifest["arch"], manifest["training_config"]),
         "architecture": manifest["architecture"],
         "arch": manifest["arch"],
         "pretraining_run_id": manifest["mlflow_run_id"] or "",
