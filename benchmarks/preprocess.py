@@ -11,8 +11,10 @@ moment in any round counts:
   >= 0.7), ``two_workers_speedup`` = one-worker time / two-worker time (goal >= 1.8);
 - random_next_scope: the first BERT config with ``--data.random_next_scope unit``, and the cost of the default
   ``corpus`` scope relative to it;
-- scale: a one-worker ``shard`` process on the corpus and on the corpus repeated ten times: its tokens/s and
-  peak RSS (bounded by the work unit, not the corpus);
+- scale: a one-worker BERT 128 ``shard`` process on the corpus and on the corpus repeated ten times: its
+  tokens/s and peak RSS (bounded by the work unit, not the corpus); the 10x corpus as four array tasks and
+  their merge (its cost per unit); and from these a projection for a 4 B-token corpus on one 16-core machine
+  and on a SLURM array of 16 tasks x 16 cores (merge included);
 - load_average before and after (os.getloadavg): how busy the machine was; and, since a loaded machine
   stretches wall times unevenly, each one-worker ratio again in CPU seconds of this process (``cpu_ratio``).
 
@@ -103,13 +105,69 @@ def shard_process(corpus: Path, tok_dir: Path, out: Path) -> dict:
            "--output", str(out), "--workers", "1"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=REPO, capture_output=True, text=True, check=True)
     report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     return {
         "corpus_mb": round(sum(p.stat().st_size for p in corpus.glob("*.txt")) / 1e6, 1),
         "tokens": report["totals"]["tokens"],
+        "units": sum(1 for s in manifest["shards"] if s["name"].endswith("-000.tar")),
+        "shard_bytes_per_token": round(report["totals"]["bytes"] / report["totals"]["tokens"], 2),
         "seconds": report["seconds"],
         "tokens_per_s": round(report["tokens_per_second"]),
         "peak_rss_mb": round(int(proc.stdout.split()[-1]) / 1024, 1),  # KiB on Linux
+    }
+
+
+def tasks_and_merge(corpus: Path, tok_dir: Path, out: Path, num_tasks: int) -> dict:
+    """The corpus as ``num_tasks`` array tasks (one after the other here), then the merge: its cost per unit."""
+    from pipeline.preprocess.merge import merge_parts
+
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    for task in range(num_tasks):
+        values = {"input.paths": [f"{corpus}/*.txt"], "data.tokenizer": str(tok_dir), "output.dir": str(out),
+                  "run.num_tasks": num_tasks, "run.task_index": task}  # fmt: skip
+        run_sharding(build_config(ShardJobConfig, None, values))
+    tasks_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    manifest = merge_parts(out)
+    merge_seconds = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    units = sum(1 for s in manifest["shards"] if s["name"].endswith("-000.tar"))
+    return {
+        "tasks": num_tasks,
+        "tokens": manifest["totals"]["tokens"],
+        "tasks_seconds": round(tasks_seconds, 3),
+        "units": units,
+        "merge_seconds": round(merge_seconds, 3),
+        "merge_ms_per_unit": round(1000 * merge_seconds / max(units, 1), 3),
+    }
+
+
+def projection(scale: dict, tokens: float = 4e9, cores: int = 16, tasks: int = 16) -> dict:
+    """Time and memory for a ``tokens`` corpus from the measured one-worker rate (linear in workers: each work
+    unit is independent), the measured merge cost per unit, and the measured peak RSS per worker process."""
+    big, merge = scale["10x"], scale["tasks_10x"]
+    rate = big["tokens_per_s"]
+    units = tokens / (big["tokens"] / big["units"])
+    merge_s = units * merge["merge_ms_per_unit"] / 1000
+    return {
+        "tokens": tokens,
+        "per_core_tokens_per_s": rate,
+        "units": round(units),
+        "output_gb": round(tokens * big["shard_bytes_per_token"] / 1e9, 1),
+        "one_machine": {
+            "cores": cores,
+            "hours": round(tokens / (rate * cores) / 3600, 2),
+            "peak_rss_gb": round(cores * big["peak_rss_mb"] / 1024, 1),
+        },
+        "slurm_array": {
+            "tasks": tasks,
+            "cores_per_task": cores,
+            "hours": round((tokens / (rate * cores * tasks) + merge_s) / 3600, 3),
+            "merge_seconds": round(merge_s, 1),
+            "peak_rss_gb_per_task": round(cores * big["peak_rss_mb"] / 1024, 1),
+        },
     }
 
 
@@ -196,7 +254,9 @@ def main() -> None:
             scale = {
                 "1x": shard_process(corpus, tok_dir, work / "s1"),
                 "10x": shard_process(big, tok_dir, work / "s10"),
+                "tasks_10x": tasks_and_merge(big, tok_dir, work / "t10", 4),
             }
+            scale["projection_4b_tokens"] = projection(scale)
         met = {
             f"{spec} ratio >= {goal}": results[spec]["ratio"] >= goal for spec, goal in GOALS.items() if spec in results
         }

@@ -14,6 +14,7 @@ not parse), and the unit is redone; a record that survived names shards that wer
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -27,12 +28,13 @@ TMP_DIR = ".tmp"
 RECORDS_DIR = ".records"
 
 
-def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
-    """Write ``data`` under a temporary name, then rename it; ``durable``: fsync before the rename."""
+def write_json_atomic(path: Path, data: dict, durable: bool = True, indent: int | None = 1) -> None:
+    """Write ``data`` under a temporary name, then rename it; ``durable``: fsync before the rename. Files only
+    the tool reads are written with ``indent=None``: json's C encoder, not its pure-Python indenting one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
+        json.dump(data, fh, indent=indent)
         fh.write("\n")
         if durable:
             fh.flush()
@@ -128,8 +130,15 @@ def load_record(path: Path) -> dict | None:
 
 
 def remove_unit_outputs(out_dir: Path, prefix: str) -> None:
-    """Delete whatever an interrupted attempt left of a unit (final-named shards, temporaries, record)."""
-    for directory in (out_dir, out_dir / TMP_DIR):
-        if directory.is_dir():
-            for path in directory.glob(f"{prefix}-*.tar"):
+    """Delete whatever an interrupted attempt left of a unit. Its shards are numbered from 000 and each was
+    either renamed into the output directory or is still under .tmp/, so together they are 000, 001, ...:
+    names are probed (a glob would list the whole output directory once per unit, quadratic at scale)."""
+    for k in itertools.count():
+        found = False
+        for directory in (out_dir, out_dir / TMP_DIR):
+            path = directory / f"{prefix}-{k:03d}.tar"
+            if path.exists():
                 path.unlink()
+                found = True
+        if not found:
+            return

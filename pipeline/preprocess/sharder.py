@@ -81,7 +81,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, task_index: int) -> N
         _clear_outputs(out)
     # Concurrent array tasks write the same plan: a per-task temporary name keeps the rename atomic.
     tmp = out / f"{PLAN}.tmp-{task_index}"
-    tmp.write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(plan) + "\n", encoding="utf-8")
     tmp.replace(out / PLAN)
 
 
@@ -186,7 +186,7 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         write_manifest(out, manifest)
         totals, stats = manifest["totals"], manifest["stats"]
     else:
-        write_json_atomic(part_path(out, task_index, num_tasks), {**part, "entries": entries})
+        write_json_atomic(part_path(out, task_index, num_tasks), {**part, "entries": entries}, indent=None)
         manifest = None
         totals, stats = _task_summary(entries)
     report = {

@@ -86,7 +86,7 @@ def process_job(ctx: WorkerContext, job: Job) -> dict:
         else:
             unit_stats = _gpt_unit(ctx, job, u, docs, writer)
         shards = writer.commit()
-        write_json_atomic(record_path, {"unit": stem, "shards": shards, "stats": unit_stats}, durable=False)
+        write_json_atomic(record_path, {"unit": stem, "shards": shards, "stats": unit_stats}, False, None)
         units.append(stem)
         tokens += unit_stats["tokens"]
     inputs = [
@@ -102,7 +102,7 @@ def process_job(ctx: WorkerContext, job: Job) -> dict:
         "long_sentences_cut": getattr(splitter, "num_long_cuts", 0) - cuts_before,
         "units_reused": reused,
     }
-    write_json_atomic(job_record_path(ctx.out_dir, job.stem), job_record, durable=False)
+    write_json_atomic(job_record_path(ctx.out_dir, job.stem), job_record, False, None)
     return job_record
 
 
