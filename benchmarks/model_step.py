@@ -61,15 +61,17 @@ def make_batch(cfg, args, device):
     g = torch.Generator().manual_seed(args.seed)
     B, T = args.batch_size, args.seq_len
     ids = torch.randint(9, cfg.vocab_size, (B, T), generator=g)  # ids >= 9: no special tokens
-    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long)}
+    batch = {"input_ids": ids, "attention_mask": None}  # unpadded: no mask, as the trainer passes it
     if cfg.arch == "bert":
         batch["token_type_ids"] = (torch.arange(T) >= T // 2).long().expand(B, T).contiguous()
         predicted = torch.rand(B, T, generator=g) < args.mlm_prob
         batch["mlm_labels"] = torch.where(predicted, ids, -100)
         batch["nsp_labels"] = torch.randint(0, 2, (B,), generator=g)
+        batch["max_labels"] = int(predicted.sum(1).max())  # known on the host, as in the trainer
     else:
         batch["labels"] = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)  # already shifted
-    return {k: v.to(device) for k, v in batch.items()}
+        batch["max_labels"] = T
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def build_variant(name, cfg, reference_state, device):
@@ -105,12 +107,17 @@ def build_variant(name, cfg, reference_state, device):
 
             def loss_fn(b):
                 return model(
-                    b["input_ids"], b["token_type_ids"], b["attention_mask"], b["mlm_labels"], b["nsp_labels"]
+                    b["input_ids"],
+                    b["token_type_ids"],
+                    b["attention_mask"],
+                    b["mlm_labels"],
+                    b["nsp_labels"],
+                    max_predictions=b["max_labels"],
                 ).loss
         else:
 
             def loss_fn(b):
-                return model(b["input_ids"], b["attention_mask"], b["labels"]).loss
+                return model(b["input_ids"], b["attention_mask"], b["labels"], max_labels_per_row=b["max_labels"]).loss
 
     model.to(device).train()
     return model, loss_fn

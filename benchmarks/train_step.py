@@ -56,7 +56,7 @@ def bare_step_rate(preset: str, vocab: int, batch: int, seq_len: int, steps: int
     labels[mask] = ids[mask]
     types = torch.zeros_like(ids)
     types[:, seq_len // 2 :] = 1
-    attn = torch.ones_like(ids)
+    attn = None  # unpadded: no mask, as the trainer passes it
     nsp = torch.randint(0, 2, (batch,))
 
     def step():

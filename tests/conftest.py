@@ -70,3 +70,29 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-process gloo group for trainings run inside the test process (``train_helpers.train_in_process``).
+
+    The environment variables that ``init_distributed`` sets are put back at once, and set again only while
+    an in-process training runs (``env``): a ``python -m pipeline`` started by another test must make its own
+    group, not try to join this one.
+    """
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    saved = {k: os.environ.get(k) for k in keys}
+    from pipeline.train.engine import init_distributed
+
+    info = init_distributed()
+    info.env = {k: os.environ[k] for k in keys if k in os.environ}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    yield info
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

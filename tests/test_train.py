@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
@@ -70,6 +70,10 @@ def test_golden_loss_curve(reference_run):
     assert list(golden) == list(got)
     for step, value in golden.items():
         assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-5), step
+    # The curve itself must move: a model that learns nothing stays at ln(2000) + ln(2) = 8.29 for every step.
+    uniform = math.log(2000) + math.log(2)
+    assert golden[1] == pytest.approx(uniform, abs=0.05)
+    assert sum(list(golden.values())[-4:]) / 4 < uniform - 0.8
 
 
 def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_path):
@@ -131,27 +135,6 @@ def test_gpt_pretraining(tmp_path, small_tokenizer):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert "lm_loss" in records[2] and 0 <= records[2]["lm_acc"] <= 1
-
-
-def test_nonfinite_losses_skip_steps_then_stop(bert_shards, tmp_path):
-    """A task whose loss turns NaN: those steps are skipped (weights unchanged), and M in a row stop the run."""
-    script = Path(__file__).parent / "scripts" / "nan_run.py"
-    proc = run_cli_script(script, str(bert_shards), str(tmp_path / "nan"))
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["skipped_steps"] == [3, 4] and report["skipped_nonfinite"] == 2
-    assert report["unchanged_when_skipped"] and report["changed_otherwise"]
-    assert "consecutive steps with a NaN/inf loss" in report["stop_error"]
-
-
-def run_cli_script(script: Path, *args: str):
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PIPELINE_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Shared helpers for the training tests: demo shards built once, and `pipeline train` as a subprocess."""
+"""Shared helpers for the training tests: demo shards built once, and `pipeline train` as a subprocess or
+inside the test process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from conftest import DEMO_CORPUS, REPO, run_cli
 
@@ -56,3 +58,33 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 def kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def train_in_process(shards: Path, out: Path, overrides: dict, dist_info, task_factory=None,
+                     config: str = "configs/pretrain/debug.yaml") -> dict:  # fmt: skip
+    """``pipeline train`` inside the test process (no interpreter, import or process-group start-up;
+    ``dist_info`` is the ``process_group`` fixture):
+    the config with ``overrides`` (``{"train.max_steps": 4}``), a ``PretrainTask`` (or
+    ``task_factory(model_cfg, loader, shard_set, device)``), and the loop's result."""
+    import torch
+
+    from pipeline.config import build_config
+    from pipeline.data.loader import PretrainLoader
+    from pipeline.data.shards import open_shard_set
+    from pipeline.train.config import TrainJobConfig
+    from pipeline.train.loop import run_training
+    from pipeline.train.pretrain import PretrainTask, model_config_for_shards
+
+    cfg = build_config(TrainJobConfig, str(REPO / config),
+                       {"data.shards": str(shards), "train.output_dir": str(out), **overrides})  # fmt: skip
+    shard_set = open_shard_set(cfg.data.shards)
+    cfg.model = model_config_for_shards(cfg.model, shard_set)
+    loader = PretrainLoader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                            shard_set=shard_set)  # fmt: skip
+    task = (task_factory or PretrainTask)(cfg.model, loader, shard_set, torch.device("cpu"))
+    ds_json = cfg.deepspeed.config
+    ds_json = ds_json if Path(ds_json).is_absolute() else str(REPO / ds_json)
+    with mock.patch.dict(os.environ, dist_info.env):  # DeepSpeed reads LOCAL_RANK and friends from there
+        return run_training(task, dist_info, train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
+                            checkpoint=cfg.checkpoint, tracking=cfg.tracking, deepspeed_json=ds_json,
+                            full_config=cfg)  # fmt: skip

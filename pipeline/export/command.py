@@ -75,7 +75,7 @@ def export(cfg: ExportJobConfig) -> dict:
     from pipeline.export.tokenizer import write_hf_tokenizer
     from pipeline.model.builder import build_model
     from pipeline.tokenizer.spm import file_record
-    from pipeline.train.loop import _git_commit
+    from pipeline.train.tracking import git_commit
 
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -112,7 +112,7 @@ def export(cfg: ExportJobConfig) -> dict:
         "training_config": source.training_config,
         "vocab_padding_stripped": model_cfg.padded_vocab_size - model_cfg.vocab_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "torch": torch.__version__,
     }
     (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

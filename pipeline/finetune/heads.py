@@ -108,7 +108,9 @@ class FinetuneModel(nn.Module):
         lm = None
         if lm_labels is not None:  # GPT-1's auxiliary LM loss, through the tied token embedding
             weight = self.transformer.embeddings.word.weight
-            lm = token_cross_entropy(hidden, lm_labels, weight, None, self.cfg.vocab_size)
+            # Every position (padding is labelled -100): no need to ask the device which are labelled.
+            lm = token_cross_entropy(hidden, lm_labels, weight, None, self.cfg.vocab_size,
+                                     max_labels_per_row=lm_labels.size(-1))  # fmt: skip
         return FinetuneOutput(logits=logits, lm=lm)
 
 

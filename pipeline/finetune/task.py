@@ -24,7 +24,7 @@ from pipeline.finetune.data import Prepared
 from pipeline.finetune.heads import FinetuneModel, lm_labels_for, lr_scales
 from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flops_per_token
-from pipeline.train.loop import StepOutput
+from pipeline.train.loop import StepOutput, host_padding
 
 EVAL_DIR = "eval"
 
@@ -110,24 +110,28 @@ class FinetuneTask:
                 [self.data.train_features[i] for i in order[b * self.micro : (b + 1) * self.micro]]
             )
 
-    def _model_inputs(self, batch: dict) -> dict:
+    def _model_inputs(self, batch: dict, lm_labels: bool = False) -> tuple[dict, int]:
+        """The model's keyword arguments on the device, and the batch's real tokens (counted on the host)."""
+        tokens, padded = host_padding(batch["attention_mask"])
         keys = ("input_ids", "token_type_ids", "attention_mask", "summary_index", "choice_mask")
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
         if self.model_cfg.arch == "gpt":
             inputs.pop("token_type_ids", None)  # GPT-1 has no segment embeddings
-        return inputs
+        if lm_labels:
+            inputs["lm_labels"] = lm_labels_for(inputs["input_ids"], inputs["attention_mask"])
+        if not padded:
+            inputs["attention_mask"] = None  # nothing to mask: SDPA may use its fastest kernel
+        return inputs, tokens
 
     def forward(self, model: nn.Module, batch: dict) -> StepOutput:
-        inputs = self._model_inputs(batch)
-        if self.aux_lm:
-            inputs["lm_labels"] = lm_labels_for(inputs["input_ids"], inputs["attention_mask"])
+        inputs, tokens = self._model_inputs(batch, lm_labels=bool(self.aux_lm))
         output = model(**inputs)
         targets = {k: v.to(self.device) for k, v in batch.items() if k not in inputs}
         loss, sums = self.problem.loss(output, targets)
         if self.aux_lm:
             loss = loss + self.aux_lm * output.lm.loss
             sums.update(lm_loss_sum=output.lm.loss.detach() * output.lm.count, lm_count=output.lm.count)
-        return StepOutput(loss=loss, sums=sums, tokens=int(inputs["attention_mask"].sum()))
+        return StepOutput(loss=loss, sums=sums, tokens=tokens)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         out = self.problem.train_metrics(sums)
@@ -151,7 +155,7 @@ class FinetuneTask:
             for start in range(0, len(mine), size):
                 ids = mine[start : start + size]
                 batch = self.problem.collate([features[i] for i in ids])
-                output = model(**self._model_inputs(batch))
+                output = model(**self._model_inputs(batch)[0])
                 local.extend(zip(ids, self.problem.outputs(output, batch), strict=True))
         finally:
             model.train(was_training)

@@ -62,6 +62,8 @@ class BertForPretraining(nn.Module):
 
     ``mlm_labels`` (B, T) holds the original token at masked positions and -100 elsewhere; when given, the
     vocabulary projection runs only at those positions. The decoder is tied to the input embedding.
+    ``max_predictions``: the most masked positions of any row, if the caller knows it from the host copy of
+    the batch, so that gathering them needs no device-to-host sync (see ``token_cross_entropy``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -89,6 +91,7 @@ class BertForPretraining(nn.Module):
         attention_mask: Tensor | None = None,
         mlm_labels: Tensor | None = None,
         nsp_labels: Tensor | None = None,
+        max_predictions: int | None = None,
     ) -> BertPretrainOutput:
         hidden = self.transformer(input_ids, token_type_ids, attention_mask)  # (B, T, H)
         nsp_logits = self.nsp_head(self.pooler(hidden))  # (B, 2)
@@ -108,6 +111,7 @@ class BertForPretraining(nn.Module):
                 V,
                 chunk_size=self.cfg.loss_chunk_size,
                 head=self.mlm_transform,
+                max_labels_per_row=max_predictions,
             )
             mlm_loss, mlm_correct, mlm_count, mlm_logits = mlm.loss, mlm.correct, mlm.count, mlm.logits
 

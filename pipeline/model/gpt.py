@@ -26,6 +26,8 @@ class GPTForCausalLM(nn.Module):
     ``labels`` (B, T) are already aligned with the inputs (labels[t] is the token after input t; the loader
     shifts them), -100 where nothing is predicted. With labels, the vocabulary projection runs only at the
     labelled positions, and logits are not returned unless asked for, so they can be freed after the loss.
+    ``max_labels_per_row`` (known to the caller from the host copy of the labels) spares the device-to-host
+    sync of finding them (see ``token_cross_entropy``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -48,11 +50,13 @@ class GPTForCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_logits: bool = False,
+        max_labels_per_row: int | None = None,
     ) -> GPTOutput:
         hidden = self.transformer(input_ids, None, attention_mask)  # (B, T, H)
         V = self.cfg.vocab_size
         if labels is None:
             logits = vocab_logits(hidden.flatten(0, 1), self.lm_head_weight, None, V)
             return GPTOutput(loss=None, logits=logits.unflatten(0, hidden.shape[:2]))  # (B, T, V)
-        lm = token_cross_entropy(hidden, labels, self.lm_head_weight, None, V, chunk_size=self.cfg.loss_chunk_size)
+        lm = token_cross_entropy(hidden, labels, self.lm_head_weight, None, V, chunk_size=self.cfg.loss_chunk_size,
+                                 max_labels_per_row=max_labels_per_row)  # fmt: skip
         return GPTOutput(loss=lm.loss, logits=lm.logits if return_logits else None, correct=lm.correct, count=lm.count)

@@ -113,7 +113,8 @@ class TransformerBody(nn.Module):
     """Embeddings and blocks: ``(input_ids, token_type_ids, attention_mask) -> hidden (B, T, H)``.
 
     This is what fine-tuning heads build on. ``attention_mask`` is (B, T) with 1 for real tokens and 0 for
-    padding; padded keys are never attended to (padded queries still produce, meaningless, outputs).
+    padding; padded keys are never attended to (padded queries still produce, meaningless, outputs). Pass
+    None for a batch without padding: a mask of all ones gives the same outputs through a slower kernel.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -126,11 +127,10 @@ class TransformerBody(nn.Module):
 
     def attention_mask(self, attention_mask: Tensor | None, T: int) -> tuple[Tensor | None, bool]:
         """The SDPA mask (True = attend) and is_causal flag for a (B, T) padding mask."""
+        # Whether a batch has padding is the caller's to say (None: nothing is padded), from the batch's host
+        # copy: asking the device here would stall the host once per micro-batch, and break a compiled graph.
+        # Without a mask tensor SDPA can pick its fastest kernel (flash).
         if attention_mask is None:
-            return None, self.causal
-        # Without a mask tensor SDPA can pick its fastest kernel (flash); checking costs one host sync, which
-        # a model compiled as a whole would turn into a graph break, so it is skipped there.
-        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
             return None, self.causal
         keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
         if not self.causal:

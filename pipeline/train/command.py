@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
             seed=cfg.train.seed, tokenizer=cfg.tokenizer or None, shard_set=shard_set,
         )  # fmt: skip
-        task = PretrainTask(model_cfg, loader, shard_set, info.device)
+        task = PretrainTask(model_cfg, loader, shard_set, info.device, nsp_weight=cfg.objective.nsp_weight)
         result = run_training(
             task, info, train=cfg.train, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
             tracking=cfg.tracking, deepspeed_json=cfg.deepspeed.config, full_config=cfg,

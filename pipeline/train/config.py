@@ -130,10 +130,26 @@ class DeepSpeedSection:
 
 
 @dataclass
+class ObjectiveConfig:
+    """How the pre-training losses are combined (BERT: masked LM + next-sentence prediction)."""
+
+    nsp_weight: float = option(
+        1.0,
+        "BERT: weight of the next-sentence loss in the total, loss = mlm_loss + nsp_weight * nsp_loss (1: the "
+        "paper; 0: masked LM only, NSP still measured but its head not trained)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.nsp_weight < 0:
+            raise ValueError(f"objective.nsp_weight must be >= 0, got {self.nsp_weight}")
+
+
+@dataclass
 class TrainJobConfig:
     """`python -m pipeline train`."""
 
     model: ModelConfig = section(ModelConfig)
+    objective: ObjectiveConfig = section(ObjectiveConfig)
     data: DataConfig = section(DataConfig)
     tokenizer: str = option(
         "",

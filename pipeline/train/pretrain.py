@@ -15,12 +15,20 @@ from pipeline.errors import UserError
 from pipeline.model.builder import build_model
 from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flops_per_token
-from pipeline.train.loop import StepOutput
+from pipeline.train.loop import StepOutput, host_max_labels, host_padding
 
 
 class PretrainTask:
-    def __init__(self, model_cfg: ModelConfig, loader: PretrainLoader, shard_set: ShardSet, device: torch.device):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        loader: PretrainLoader,
+        shard_set: ShardSet,
+        device: torch.device,
+        nsp_weight: float = 1.0,
+    ):
         self.model_cfg = model_cfg
+        self.nsp_weight = nsp_weight
         self.loader = loader
         self.shard_set = shard_set
         self.device = device
@@ -38,15 +46,19 @@ class PretrainTask:
         yield from self.loader.iterate(epoch, start_batch)
 
     def forward(self, model: nn.Module, batch: dict) -> StepOutput:
+        # What shapes the step (padding, labelled positions) is read from the host copy: no device sync.
+        tokens, padded = host_padding(batch["attention_mask"])
+        max_labels = host_max_labels(batch["mlm_labels" if self.objective == "bert" else "labels"])
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        tokens = int(batch["attention_mask"].sum())
+        attention_mask = batch["attention_mask"] if padded else None  # None: SDPA may use its fastest kernel
         if self.objective == "bert":
             out = model(
                 batch["input_ids"],
                 token_type_ids=batch["token_type_ids"],
-                attention_mask=batch["attention_mask"],
+                attention_mask=attention_mask,
                 mlm_labels=batch["mlm_labels"],
                 nsp_labels=batch["nsp_labels"],
+                max_predictions=max_labels,
             )
             sums = {
                 "mlm_loss_sum": out.mlm_loss.detach() * out.mlm_count,
@@ -56,10 +68,13 @@ class PretrainTask:
                 "nsp_correct": out.nsp_correct,
                 "nsp_count": out.nsp_count,
             }
+            loss = out.loss if self.nsp_weight == 1.0 else out.mlm_loss + self.nsp_weight * out.nsp_loss
         else:
-            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            out = model(batch["input_ids"], attention_mask=attention_mask, labels=batch["labels"],
+                        max_labels_per_row=max_labels)  # fmt: skip
             sums = {"lm_loss_sum": out.loss.detach() * out.count, "lm_correct": out.correct, "lm_count": out.count}
-        return StepOutput(loss=out.loss, sums=sums, tokens=tokens)
+            loss = out.loss
+        return StepOutput(loss=loss, sums=sums, tokens=tokens)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         def ratio(a: str, b: str) -> float | None:

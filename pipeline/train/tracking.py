@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
-from pipeline.config import flatten
+from pipeline.config import flatten, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,35 @@ class Tracker:
         if self._mlflow is not None:
             self._safe("end_run", self._mlflow.end_run, status=status, force=True)  # always try to close the run
             self._mlflow = None
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_tracking(cfg, out: Path, rank: int, run_id: str | None, *, first_step: bool, tags: dict[str, str],
+                   full_config, artifacts: list) -> Tracker:  # fmt: skip
+    """Rank 0's tracker for a training run: a new MLflow run, or ``run_id`` continued after a restart.
+
+    ``cfg`` is the tracking section. A new run (``first_step``) also gets the resolved config as params and
+    the ``artifacts`` (config.yaml, the data manifest, lineage).
+    """
+    tracker = Tracker(enabled=cfg.enabled and rank == 0)
+    if not tracker.enabled:
+        return tracker
+    import deepspeed
+    import torch
+
+    uri = cfg.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    tags = {"git_commit": git_commit(), "torch": torch.__version__, "deepspeed": deepspeed.__version__, **tags}
+    tracker.start(uri, cfg.experiment, cfg.run_name or out.name, run_id, out / "mlartifacts", cfg.system_metrics, tags)
+    if first_step:
+        tracker.log_params(to_dict(full_config))
+        for path in artifacts:
+            tracker.log_artifact(path)
+    return tracker
