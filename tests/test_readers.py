@@ -144,7 +144,10 @@ def test_a_range_of_a_large_jsonl_reads_its_range_not_the_file_before_it(tmp_pat
             read["bytes"] += len(data)
             return data
 
-    monkeypatch.setattr(readers, "open", lambda p, mode="r", *a, **k: Counting(open(p, mode, *a, **k)), raising=False)
+    def counting_open(path, mode="r", *args, **kwargs):
+        return Counting(open(path, mode, *args, **kwargs))  # closed by Counting.__exit__
+
+    monkeypatch.setattr(readers, "open", counting_open, raising=False)
     cfg = InputConfig()
     files, _ = resolve_inputs([str(path)])
     jobs = plan.plan_jobs(files, cfg, unit_bytes=16 * 1024, min_docs=2)
