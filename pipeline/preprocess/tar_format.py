@@ -76,9 +76,8 @@ def numbered_names(prefix: str, count: int, suffix: str, digits: int = 7) -> np.
         raise ValueError(f"{count} names do not fit {digits} digits")
     base = np.frombuffer(f"{prefix}{'0' * digits}{suffix}".encode("ascii"), dtype=np.uint8)
     names = np.tile(base, (count, 1))
-    index = np.arange(count)
-    for k in range(digits):
-        names[:, len(prefix) + k] = ord("0") + index // 10 ** (digits - 1 - k) % 10
+    powers = 10 ** np.arange(digits - 1, -1, -1)
+    names[:, len(prefix) : len(prefix) + digits] = ord("0") + np.arange(count)[:, None] // powers % 10
     return names
 
 
