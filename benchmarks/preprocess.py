@@ -19,7 +19,7 @@ moment in any round counts:
   stretches wall times unevenly, each one-worker ratio again in CPU seconds of this process (``cpu_ratio``).
 
 usage: python benchmarks/preprocess.py [--corpus DIR] [--configs bert:128,gpt:128,bert:512,gpt:512]
-       [--repeats 3] [--skip-scale]
+       [--repeats 5] [--skip-scale]
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="directory of .txt documents (default: SOTU from ../shared/data)")
     parser.add_argument("--configs", default="bert:128,gpt:128,bert:512,gpt:512", help="objective:seq_len list")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; the best of each figure is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the best of each figure is reported")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--skip-scale", action="store_true", help="skip the 1x / 10x corpus runs")
     args = parser.parse_args()
