@@ -116,6 +116,7 @@ def shard_process(corpus: Path, tok_dir: Path, out: Path) -> dict:
         "shard_bytes_per_token": round(report["totals"]["bytes"] / report["totals"]["tokens"], 2),
         "seconds": report["seconds"],
         "tokens_per_s": round(report["tokens_per_second"]),
+        "tokens_per_cpu_s": round(report["totals"]["tokens"] / report["cpu_seconds"]),
         "peak_rss_mb": round(int(proc.stdout.split()[-1]) / 1024, 1),  # KiB on Linux
     }
 
@@ -156,6 +157,9 @@ def projection(scale: dict, tokens: float = 4e9, cores: int = 16, tasks: int = 1
     return {
         "tokens": tokens,
         "per_core_tokens_per_s": rate,
+        # What a core gives when it is not shared (this process's tokens per CPU second): the same plan then
+        # takes per_core_tokens_per_s / per_core_tokens_per_cpu_s of the times below.
+        "per_core_tokens_per_cpu_s": big["tokens_per_cpu_s"],
         "units": round(units),
         "output_gb": round(tokens * big["shard_bytes_per_token"] / 1e9, 1),
         "one_machine": {

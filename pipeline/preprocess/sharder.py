@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -97,7 +98,7 @@ def _job_done(out: Path, job: Job, verify: bool) -> dict | None:
 
 
 def run_sharding(cfg: ShardJobConfig) -> dict:
-    t0 = time.time()
+    t0, times0 = time.time(), os.times()
     num_tasks, task_index = cfg.run.resolved_tasks()
     tokenizer = Tokenizer(cfg.data.tokenizer)
     files, ignored = resolve_inputs(cfg.input.paths)
@@ -180,6 +181,8 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         "config": {k: v for k, v in to_dict(cfg).items() if k != "run"} | {"output": cfg.content_config()["output"]},
     }
     elapsed = time.time() - t0
+    times = os.times()
+    cpu_seconds = sum(times[k] - times0[k] for k in range(4))  # this process and its (reaped) workers
     part = {"task": task_index, "num_tasks": num_tasks, "fingerprint": plan["fingerprint"], "header": header}
     if num_tasks == 1:
         manifest = build_manifest(plan, entries, header)
@@ -197,6 +200,7 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         "jobs": len(mine),
         "jobs_reused": reused_jobs,
         "seconds": round(elapsed, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
         "tokens_per_second": round(totals["tokens"] / max(elapsed, 1e-9), 1),
         "documents_per_second": round(stats.get("documents", 0) / max(elapsed, 1e-9), 1),
         "totals": totals,
