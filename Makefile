@@ -12,7 +12,7 @@ DEMO_DIR ?= data_shards/demo
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-data demo-pretrain demo-finetune transfer transfer-data transfer-pretrain test test-slow test-all lint format bench venv clean-demo gpu-wheels
+.PHONY: demo demo-data demo-pretrain demo-finetune demo-export transfer transfer-data transfer-pretrain test test-slow test-all lint format bench venv clean-demo gpu-wheels
 
 venv: $(STAMP)
 
@@ -25,10 +25,16 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
-demo: demo-data demo-pretrain demo-finetune
+DEMO_STORE := sqlite:///$(CURDIR)/runs/demo-pretrain/mlflow.db
+demo: demo-data demo-pretrain demo-finetune demo-export
 	@echo "demo done: shards in $(DEMO_DIR), pre-training run in runs/demo-pretrain (loss_curve.png, checkpoints/),"
-	@echo "fine-tuning runs in runs/demo-finetune (report.json, confusion_matrix.png)"
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo-pretrain/mlflow.db"
+	@echo "fine-tuning runs in runs/demo-finetune (report.json, confusion_matrix.png), the hand-off in runs/demo-export"
+	@echo "(README.md: its model card), registered in MLflow as demo-bert (alias: champion). Load it:"
+	@echo "  transformers: AutoModelForMaskedLM.from_pretrained(\"runs/demo-export\"), AutoTokenizer.from_pretrained(\"runs/demo-export\")"
+	@echo "  registry:     MLFLOW_TRACKING_URI=$(DEMO_STORE) python -c 'import mlflow; print(mlflow.artifacts.download_artifacts(\"models:/demo-bert@champion\"))'"
+	@echo "  fine-tune:    $(PY) -m pipeline finetune --config configs/finetune/demo-sentiment.yaml --checkpoint models:/demo-bert@champion --tracking-uri $(DEMO_STORE)"
+	@echo "  evaluate:     $(PY) -m pipeline evaluate --checkpoint runs/demo-export --suite configs/evaluate/quick.yaml --baseline random"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $(DEMO_STORE)"
 
 demo-data: $(STAMP)
 	$(PY) -m pipeline tokenizer --config configs/tokenizer/demo.yaml --output $(DEMO_DIR)/tokenizer --overwrite
@@ -44,6 +50,12 @@ DEMO_CHECKPOINT ?= runs/demo-pretrain
 demo-finetune: $(STAMP)
 	$(PY) benchmarks/transfer.py --checkpoint $(DEMO_CHECKPOINT) --tasks demo-sentiment --keep runs/demo-finetune \
 		--train-examples 0 --dev-examples 0 --epochs 3 --lr 5e-4 --table
+
+# The hand-off: a Hugging Face directory with its model card, registered as a new version of demo-bert in the
+# run's MLflow store (each `make demo` adds a version; the alias champion moves to it).
+demo-export: $(STAMP)
+	$(PY) -m pipeline export --checkpoint $(DEMO_CHECKPOINT) --output runs/demo-export --overwrite \
+		--register demo-bert --alias champion --card.license other
 
 # A small BERT for a few minutes on CPU; re-running continues from its last checkpoint (--resume auto).
 demo-pretrain: $(STAMP)
@@ -124,4 +136,4 @@ gpu-wheels: $(STAMP)
 	@ls .whl && du -sh .whl
 
 clean-demo:
-	rm -rf $(DEMO_DIR) runs/demo-pretrain runs/demo-finetune
+	rm -rf $(DEMO_DIR) runs/demo-pretrain runs/demo-finetune runs/demo-export

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("pipeline.finetune.command", "fine-tune a checkpoint: classification, pairs, SQuAD, multiple choice"),
     "unlabeled": ("pipeline.finetune.unlabeled", "write a task's training texts as a corpus for adaptive pre-training"),
     "export": ("pipeline.export.command", "export a checkpoint as a Hugging Face model directory with its lineage"),
+    "evaluate": ("pipeline.evaluate.command", "fine-tune a model on a suite of tasks, against random initialisation"),
 }
 
 

@@ -58,9 +58,10 @@ def spam_dir(data: Path, out: Path, per_class: int) -> Path:
     return out / "data"
 
 
-def pretrained_run(root: Path, tokenizer: Path, arch: str, steps: int = 4) -> Path:
+def pretrained_run(root: Path, tokenizer: Path, arch: str, steps: int = 4, extra: tuple[str, ...] = ()) -> Path:
     """A debug-preset pre-training run on shards of the demo-corpus subset (built once per session under
-    ``root``): a checkpoint to fine-tune and export. ``arch`` "gpt2" is a pre-LN GPT (exported as GPT-2)."""
+    ``root``): a checkpoint to fine-tune and export. ``arch`` "gpt2" is a pre-LN GPT (exported as GPT-2);
+    ``extra``: more `train` arguments (--tracking-uri URL, say)."""
     from conftest import run_cli  # noqa: I001 - test-directory modules, imported where needed
     from data_shards import build_shards
 
@@ -68,7 +69,7 @@ def pretrained_run(root: Path, tokenizer: Path, arch: str, steps: int = 4) -> Pa
     if (out / "checkpoints" / "latest").is_file():
         return out
     model_arch = "gpt" if arch == "gpt2" else arch
-    extra = ["--model.pre_layernorm", "true"] if arch == "gpt2" else []
+    extra = [*(["--model.pre_layernorm", "true"] if arch == "gpt2" else []), *extra]
     overrides = {"data.objective": model_arch, "data.seq_len": 64}
     shards = build_shards(root, tokenizer, f"shards-{model_arch}", **overrides)
     run_cli("train", "--config", "configs/pretrain/debug.yaml", "--data.shards", str(shards), "--model.arch",

@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 
 from pipeline.config import ConfigError, add_config_arguments, build_config, config_from_args, option, section
-from pipeline.config.core import flatten, load_yaml, to_dict
+from pipeline.config.core import flatten, from_dict, load_yaml, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,12 @@ def _check_config(path: Path) -> None:
     elif kind == "finetune":  # task presets and the fragments they include (details: test_finetune_configs.py)
         fragment = path.stem in ("base", "gpt1")  # included by the task presets, which give the labels
         build_config(FinetuneJobConfig, path, {"task.labels": ["a", "b"]} if fragment else None)
+    elif kind == "evaluate":  # suites: the suite section of `evaluate`, every task a preset
+        from pipeline.evaluate.command import SuiteConfig
+        from pipeline.evaluate.transfer import preset_path
+
+        for task in from_dict(SuiteConfig, load_yaml(path)).tasks:
+            assert preset_path(task).is_file()
     else:
         raise AssertionError(f"no check for configs/{kind}: add one here")
 

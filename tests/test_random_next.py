@@ -18,7 +18,7 @@ import webdataset as wds
 from conftest import DEMO_CORPUS, run_cli
 
 from pipeline.config import build_config
-from pipeline.preprocess.bert_pairs import RandomNextPool, create_unit_instances
+from pipeline.preprocess.bert_pairs import RandomNextPool, UnitTokens, create_unit_pairs
 from pipeline.preprocess.config import ShardJobConfig
 from pipeline.preprocess.merge import merge_parts
 from pipeline.preprocess.partners import PartnerIndex, _whole_characters
@@ -242,34 +242,43 @@ def _synthetic_documents():
 def test_single_sentence_documents_pair_as_google_or_serve_only_as_partners():
     docs = _synthetic_documents()
     singles = {d for d, doc in enumerate(docs) if len(doc) == 1}
+    tokens = UnitTokens.from_documents(docs)
+    flat = tokens.flat.tolist()
     for mode in ("random_next_only", "notnext_pair"):
         stats: dict = {}
-        instances, order = create_unit_instances(docs, 64, 0.1, 0.5, 2, random.Random(7), stats, single_sentence=mode)
-        from_singles = [i for i in instances if order[i.doc] in singles]
-        partners = {order[i.random_doc] for i in instances if i.is_random_next}
+        pairs, order = create_unit_pairs(tokens, 64, 0.1, 0.5, 2, random.Random(7), stats, single_sentence=mode)
+        from_singles = [i for i in range(len(pairs)) if order[pairs.doc[i]] in singles]
+        partners = {order[pairs.random_doc[i]] for i in range(len(pairs)) if pairs.is_random_next[i]}
         assert partners & singles  # partner material either way
         if mode == "random_next_only":
             assert not from_singles and "single_sentence_pairs" not in stats
-        else:
-            # Each single-sentence document is segment A once per pass, always with a random-next B.
-            assert len(from_singles) == 2 * len(singles) == stats["single_sentence_pairs"]
-            assert all(i.is_random_next for i in from_singles)
-            for inst in from_singles:
-                sentence = docs[order[inst.doc]][0]  # A: the sentence, perhaps trimmed at either end
-                start = sentence.index(inst.tokens_a[0])
-                assert inst.tokens_a == sentence[start : start + len(inst.tokens_a)]
-                assert {t // 100_000 for t in inst.tokens_b} == {order[inst.random_doc]} != {order[inst.doc]}
+            continue
+        # Each single-sentence document is segment A once per pass, always with a random-next B.
+        assert len(from_singles) == 2 * len(singles) == stats["single_sentence_pairs"]
+        for i in from_singles:
+            assert pairs.is_random_next[i]
+            sentence = docs[order[pairs.doc[i]]][0]  # A: the sentence, perhaps trimmed at either end
+            tokens_a = flat[pairs.a_start[i] : pairs.a_end[i]]
+            start = sentence.index(tokens_a[0])
+            assert tokens_a == sentence[start : start + len(tokens_a)]
+            tokens_b = flat[pairs.b_start[i] : pairs.b_end[i]]
+            assert {t // 100_000 for t in tokens_b} == {order[pairs.random_doc[i]]} != {order[pairs.doc[i]]}
 
 
 def test_a_pool_excerpt_of_a_document_is_never_its_own_partner():
     docs = _synthetic_documents()[:6]
-    # The pool holds an excerpt of document 1 (known to be unit document 1) and one document from elsewhere.
-    pool = RandomNextPool([docs[1][1:], [[9_900_000 + k for k in range(20)]]], [1, -1], [0, 1])
+    # The pool: an excerpt of unit document 1 (its sentences 1..) and one document from another file.
+    tokens = UnitTokens.from_documents([*docs, docs[1][1:], [[9_900_000 + k for k in range(20)]]])
+    first = tokens.doc_sentences[6]
+    tokens.doc_sentences = tokens.doc_sentences[:7]
+    pool = RandomNextPool(
+        [first, first + len(docs[1]) - 1], [first + len(docs[1]) - 1, first + len(docs[1])], [1, -1], [0, 1]
+    )
     stats: dict = {}
-    instances, order = create_unit_instances(docs, 64, 0.0, 1.0, 3, random.Random(2), stats, pool=pool, files=[0] * 6)
-    for inst in instances:
-        if inst.is_random_next and order[inst.doc] == 1:
-            assert inst.random_doc == 1
+    pairs, order = create_unit_pairs(tokens, 64, 0.0, 1.0, 3, random.Random(2), stats, pool=pool, files=[0] * 6)
+    for i in range(len(pairs)):
+        if order[pairs.doc[i]] == 1:
+            assert pairs.random_doc[i] == 1
     assert stats["random_next_same_unit"] > 0 and stats["random_next_other_file"] > 0
     assert "random_next_same_document" not in stats
 

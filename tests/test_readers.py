@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -101,6 +102,69 @@ def test_jsonl_ranges_cover_every_line_exactly_once(tmp_path, compressed):
         for k in range(num):
             stats = ReadStats()
             end = None if k == num - 1 else bounds[k + 1]
-            got += [(d.text, d.source) for d in read_jsonl(f, InputConfig(), stats, bounds[k], end)]
-        assert [t for t, _ in got] == [json.loads(line)["text"] for line in lines]
-        assert [s for _, s in got] == [f"{path}:{i + 1}" for i in range(300)]  # line numbers survive the split
+            got += [(d.text, d.source, d.offset) for d in read_jsonl(f, InputConfig(), stats, bounds[k], end)]
+            # Seeking (what the sharder does in an uncompressed file) reads the same lines.
+            sought = [(d.text, d.offset) for d in read_jsonl(f, InputConfig(), stats, bounds[k], end, seek=True)]
+            assert sought == [(t, o) for t, _, o in got[len(got) - len(sought) :]]
+        assert [t for t, _, _ in got] == [json.loads(line)["text"] for line in lines]
+        assert [s for _, s, _ in got] == [f"{path}:{i + 1}" for i in range(300)]  # line numbers survive the split
+        starts = [0, *np.cumsum([len(line) + 1 for line in lines])[:-1]]
+        assert [o for _, _, o in got] == starts  # each document's offset is its line's first byte
+
+
+def test_a_range_of_a_large_jsonl_reads_its_range_not_the_file_before_it(tmp_path, monkeypatch):
+    """At scale a file has thousands of ranges: reading forward to each would read the file quadratically."""
+    from pipeline.preprocess import plan
+    from pipeline.text import readers
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " + "x" * 90}) + "\n" for i in range(3000)))
+    read = {"bytes": 0}
+
+    class Counting:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def read(self, *args):
+            data = self.fh.read(*args)
+            read["bytes"] += len(data)
+            return data
+
+        def readline(self, *args):
+            data = self.fh.readline(*args)
+            read["bytes"] += len(data)
+            return data
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        return Counting(open(path, mode, *args, **kwargs))  # closed by Counting.__exit__
+
+    monkeypatch.setattr(readers, "open", counting_open, raising=False)
+    cfg = InputConfig()
+    files, _ = resolve_inputs([str(path)])
+    jobs = plan.plan_jobs(files, cfg, unit_bytes=16 * 1024, min_docs=2)
+    assert len(jobs) > 15 and all(j.kind == "range" for j in jobs)
+    last = jobs[-1]
+    docs = list(plan.job_documents(last, files, cfg, ReadStats()))
+    assert docs and docs[-1].text.startswith("document 2999 ")
+    assert read["bytes"] < 2 * last.size  # its own range (and the line it starts in), not the 300 KB before it
+
+
+def test_range_jobs_cover_the_file_with_positive_sizes(tmp_path):
+    from pipeline.preprocess.plan import plan_jobs
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5000)))
+    files, _ = resolve_inputs([str(path)])
+    jobs = plan_jobs(files, InputConfig(), unit_bytes=8 * 1024, min_docs=2)
+    # The last range is open-ended (end 0) but its size is what it holds: the work is scheduled by size.
+    assert all(j.size > 0 for j in jobs) and sum(j.size for j in jobs) == path.stat().st_size
+    assert jobs[-1].end == 0 and jobs[-1].start + jobs[-1].size == path.stat().st_size

@@ -51,3 +51,40 @@ def test_table_lists_every_start_with_its_gain(capsys):
     rows = capsys.readouterr().err.splitlines()
     assert rows[-2].split() == ["movie-sentiment", "accuracy", "0.8000", "0.7000", "+0.1000", "1/1"]
     assert rows[-1].split() == ["movie-sentiment", "macro_f1", "0.8000", "0.6000", "+0.2000", "1/1"]
+
+
+def test_multiple_choice_and_squad_are_compared_on_the_metrics_they_report(capsys):
+    """Social IQa reports accuracy only, SQuAD exact match and F1 in percent: each task is summarised, won and
+    tabulated on its own metrics, and SQuAD's error ratio is taken on the 0-100 scale."""
+    choice = {
+        "pretrained": [{"accuracy": 0.40, "metric": "accuracy"}, {"accuracy": 0.36, "metric": "accuracy"}],
+        "random": [{"accuracy": 0.35, "metric": "accuracy"}, {"accuracy": 0.37, "metric": "accuracy"}],
+    }
+    out = transfer.summarise(choice)
+    assert out["metrics"] == ["accuracy"] and out["metric"] == "accuracy"
+    assert out["gain"]["pretrained"] == {"accuracy": 0.02} and out["wins"]["pretrained"] == 1
+    assert out["error_ratio"]["pretrained"] == pytest.approx(0.62 / 0.64, abs=1e-4)
+    squad = {
+        "pretrained": [{"exact_match": 10.0, "f1": 20.0, "metric": "f1"}],
+        "random": [{"exact_match": 5.0, "f1": 10.0, "metric": "f1"}],
+    }
+    out_squad = transfer.summarise(squad)
+    assert out_squad["metrics"] == ["exact_match", "f1"] and out_squad["metric"] == "f1"
+    assert out_squad["error_ratio"]["pretrained"] == pytest.approx(80 / 90, abs=1e-4)
+    assert out_squad["wins"]["pretrained"] == 1
+    info = {"checkpoint": "runs/a", "pretraining": {"step": 4, "tokens": 2048}}
+    result = {
+        "starts": {"pretrained": {"social-iqa": info, "squad11": info}},
+        "budget": {"seeds": [1234, 1]},
+        "tasks": {"social-iqa": {"runs": choice, **out}, "squad11": {"runs": squad, **out_squad}},
+    }
+    transfer.print_table(result)
+    rows = capsys.readouterr().err.splitlines()
+    assert rows[-3].split() == ["social-iqa", "accuracy", "0.3800", "0.3600", "+0.0200", "1/2"]
+    assert rows[-1].split() == ["squad11", "f1", "20.0000", "10.0000", "+10.0000", "1/2"]
+
+
+def test_without_a_random_baseline_only_means_are_reported():
+    out = transfer.summarise({"pretrained": [{"accuracy": 0.5, "macro_f1": 0.4, "metric": "accuracy"}]})
+    assert out["mean"] == {"pretrained": {"accuracy": 0.5, "macro_f1": 0.4}}
+    assert out["gain"] == {} and out["wins"] == {}

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from pipeline.config import from_dict
 from pipeline.errors import UserError
+from pipeline.export.registry import FINETUNED_FORMAT, ORIGIN_FILE
 from pipeline.model.config import ModelConfig
 from pipeline.tokenizer.spm import MODEL_FILE, Tokenizer, sha256_file
 from pipeline.train.checkpoint import MARK, consolidate_checkpoint, find_checkpoint, read_mark
@@ -152,12 +153,27 @@ def _open_checkpoint(spec: str) -> Pretrained:
 def _open_export(directory: Path) -> Pretrained:
     from pipeline.model.hf_convert import from_hf_config
 
-    hf_config = json.loads((directory / HF_CONFIG).read_text(encoding="utf-8"))
     manifest_file = directory / EXPORT_MANIFEST
     if not manifest_file.is_file():
         raise UserError(f"{directory}: no {EXPORT_MANIFEST}; not an export of `python -m pipeline export`")
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if manifest.get("format") == FINETUNED_FORMAT:
+        raise UserError(f"{directory} is a fine-tuned model (task {manifest.get('task')}); start from a pre-trained "
+                        "export or checkpoint")  # fmt: skip
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{directory}: {EXPORT_MANIFEST} is not an export's (format {manifest.get('format')!r})")
+    missing = sorted(name for name in manifest.get("files", {}) if not (directory / name).is_file())
+    if missing:
+        raise UserError(f"{directory}: the export is missing {', '.join(missing)} (listed in its {EXPORT_MANIFEST})")
+    for name, record in manifest["files"].items():
+        if (directory / name).stat().st_size != record["bytes"]:
+            raise UserError(f"{directory}: {name} has {(directory / name).stat().st_size} bytes, the manifest says "
+                            f"{record['bytes']} (truncated or replaced)")  # fmt: skip
+    hf_config = json.loads((directory / HF_CONFIG).read_text(encoding="utf-8"))
     model_cfg = from_hf_config(SimpleNamespace(**hf_config))
+    lineage = {**manifest["lineage"], "export": str(directory)}
+    if (directory / ORIGIN_FILE).is_file():  # fetched from the MLflow Model Registry (pipeline.export.registry)
+        lineage["registry"] = json.loads((directory / ORIGIN_FILE).read_text(encoding="utf-8"))
     return Pretrained(
         kind="export",
         path=directory,
@@ -165,7 +181,7 @@ def _open_export(directory: Path) -> Pretrained:
         tokenizer_sha256=manifest["tokenizer"]["sha256"],
         tokenizer_dir=directory,
         tokenizer_model_file=HF_MODEL_FILE,
-        lineage={**manifest["lineage"], "export": str(directory)},
+        lineage=lineage,
         training_config=manifest.get("training_config", {}),
     )
 
@@ -175,7 +191,7 @@ def open_pretrained(spec: str) -> Pretrained:
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{spec}: no such checkpoint or export")
-    if (path / HF_CONFIG).is_file() and (path / HF_WEIGHTS).is_file():
+    if (path / EXPORT_MANIFEST).is_file() or ((path / HF_CONFIG).is_file() and (path / HF_WEIGHTS).is_file()):
         return _open_export(path)
     if (path / "checkpoints").is_dir() and not (path / MARK).is_file():
         path = path / "checkpoints"  # a run directory

@@ -66,7 +66,13 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
         raise UserError("data.train.path: a training file is required")
     world = int(os.environ.get("WORLD_SIZE", 1))
     preflight(cfg, world_size=world, cuda=torch.cuda.is_available())
-    source = open_pretrained(cfg.init.checkpoint)
+    if cfg.registry.name and not cfg.tracking.enabled:
+        raise UserError("--register: the model is logged to the fine-tuning's MLflow run; tracking.enabled is false")
+    if cfg.registry.name and cfg.tracking.tracking_uri:  # the store answers before hours of training
+        from pipeline.export.registry import connect
+
+        connect(cfg.tracking.tracking_uri, create=True)
+    source = open_pretrained(_local_checkpoint(cfg))
     if "task" in source.training_config:
         raise UserError(f"{cfg.init.checkpoint} is a fine-tuning checkpoint; start from a pre-training one")
     tokenizer = source.tokenizer(cfg.tokenizer)  # sha256 and vocabulary must match the checkpoint's
@@ -90,8 +96,14 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
     info = init_distributed()
     out = Path(cfg.train.output_dir)
     try:
+        registered = source.lineage.get("registry") or {}
         lineage = {
-            "init": {"checkpoint": cfg.init.checkpoint, "kind": source.kind, "weights": cfg.init.weights},
+            "init": {
+                "checkpoint": cfg.init.checkpoint,
+                "kind": source.kind,
+                "weights": cfg.init.weights,
+                "registered_model": registered or None,
+            },
             "pretraining": source.lineage,
             "tokenizer": tokenizer.describe(),
             "model_config": to_dict(model_cfg),
@@ -115,7 +127,7 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
             tracking=cfg.tracking, deepspeed_json=cfg.deepspeed.config, full_config=cfg,
             eval_every=eval_every, eval_metric=f"eval_{task.metric}", eval_higher_is_better=True,
             extra_tags={"parent_run_id": parent, "init_checkpoint": str(source.path), "init_weights": cfg.init.weights,
-                        "task_kind": cfg.task.kind, "arch": model_cfg.arch},
+                        "task_kind": cfg.task.kind, "arch": model_cfg.arch, **_registry_tags(cfg, registered)},
         )  # fmt: skip
         if info.rank != 0:
             return result
@@ -135,10 +147,45 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
         }
         report, files = write_report(out, summary)
         _log_files(cfg, out, result["mlflow_run_id"], [*files, out / EVAL_DIR / "best.json"])
+        if cfg.registry.name:
+            report["registered"] = _register(cfg, out, model_cfg, prepared.problem, tokenizer, report, source)
+            write_json(out / "report.json", report)
         return report
     finally:
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _local_checkpoint(cfg: FinetuneJobConfig) -> str:
+    """init.checkpoint, with a models:/ or runs:/ URI fetched into train.output_dir/init_model first."""
+    from pipeline.export.registry import fetch, is_uri
+    from pipeline.export.source import EXPORT_MANIFEST
+
+    if not is_uri(cfg.init.checkpoint):
+        return cfg.init.checkpoint
+    directory, _ = fetch(cfg.init.checkpoint, cfg.tracking.tracking_uri, Path(cfg.train.output_dir) / "init_model",
+                         marker=EXPORT_MANIFEST)  # fmt: skip
+    return str(directory)
+
+
+def _registry_tags(cfg: FinetuneJobConfig, registered: dict) -> dict[str, str]:
+    """The registered model (and version) fine-tuning started from, as MLflow run tags."""
+    if not registered:
+        return {}
+    tags = {"init_model_uri": cfg.init.checkpoint, "registered_model_name": registered.get("name"),
+            "registered_model_version": registered.get("version"), "registered_model_alias": registered.get("alias"),
+            "registry_tracking_uri": registered.get("tracking_uri")}  # fmt: skip
+    return {k: str(v) for k, v in tags.items() if v not in (None, "")}
+
+
+def _register(cfg: FinetuneJobConfig, out: Path, model_cfg, problem, tokenizer, report: dict, source) -> dict:
+    from pipeline.finetune.handoff import register_finetuned, write_handoff
+
+    directory = write_handoff(out, cfg, model_cfg, problem, tokenizer, report, source)
+    uri = cfg.tracking.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    registered = register_finetuned(directory, cfg.registry, uri, cfg.tracking.experiment)
+    log.info("registered the best model (%s) as %s", report["best_checkpoint"], registered["uri"])
+    return registered
 
 
 def _best_checkpoint(out: Path) -> str | None:
@@ -167,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(FinetuneJobConfig, args)
     report = finetune(cfg)
     if "best" in report:
-        keep = ("task", "arch", "init", "steps", "best", "final", "best_checkpoint", "mlflow_run_id")
-        brief = {k: report[k] for k in keep}
+        keep = ("task", "arch", "init", "steps", "best", "final", "best_checkpoint", "mlflow_run_id", "registered")
+        brief = {k: report[k] for k in keep if k in report}
         brief["best"] = {k: v for k, v in report["best"].items() if k not in ("confusion", "labels")}
         print(json.dumps(brief))
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.config import option, section
+from pipeline.export.registry import RegistryConfig
 from pipeline.train.config import (
     CheckpointConfig,
     DeepSpeedSection,
@@ -30,7 +31,9 @@ class InitConfig:
 
     checkpoint: str = option(
         "",
-        "a pre-training checkpoint (tag, run or checkpoints directory) or an export directory",
+        "a pre-training checkpoint (tag, run or checkpoints directory), an export directory, or an export in the "
+        "MLflow Model Registry: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH (the registry: "
+        "--tracking-uri, else MLFLOW_TRACKING_URI; downloaded into train.output_dir/init_model)",
         aliases=("--checkpoint",),
     )
     weights: Literal["pretrained", "random"] = option(
@@ -185,3 +188,4 @@ class FinetuneJobConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     tracking: TrackingConfig = section(TrackingConfig)
     deepspeed: DeepSpeedSection = section(DeepSpeedSection)
+    registry: RegistryConfig = section(RegistryConfig)  # the best model as a registered version (--register)

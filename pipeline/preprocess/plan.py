@@ -86,12 +86,11 @@ def plan_jobs(files: list[InputFile], cfg: InputConfig, unit_bytes: int, min_doc
             num = -(-stream_size // unit_bytes)
             # The last range is open-ended (end=0 means "to the end"): a compressed file's recorded size is a
             # hint, and no line may be lost if it is off.
-            bounds = [stream_size * k // num for k in range(num)] + [0]
+            bounds = [stream_size * k // num for k in range(num + 1)]
             for k in range(num):
                 hashes = (i,) if k == 0 else ()
-                jobs.append(
-                    Job(len(jobs), "range", (i,), bounds[k + 1] - bounds[k], bounds[k], bounds[k + 1], (), hashes)
-                )
+                end = bounds[k + 1] if k < num - 1 else 0
+                jobs.append(Job(len(jobs), "range", (i,), bounds[k + 1] - bounds[k], bounds[k], end, (), hashes))
         else:
             jobs.append(Job(len(jobs), "stream", (i,), f.size, hashes=(i,)))
     flush()
@@ -126,7 +125,9 @@ def job_documents(job: Job, files: list[InputFile], cfg: InputConfig, stats: Rea
         f = files[job.files[0]]
         end = job.end or None
         ok = stats.counts["unreadable_files"]
-        yield from guarded(f, read_jsonl(f, cfg, stats, job.start, end), stats)
+        # An uncompressed file is seeked to the range (reading forward to it would make a large file's ranges
+        # quadratic); messages then give byte offsets instead of line numbers.
+        yield from guarded(f, read_jsonl(f, cfg, stats, job.start, end, seek=not f.compressed), stats)
         if end is None and stats.counts["unreadable_files"] == ok:
             stats.counts["files_read"] += 1  # counted once per file, by its last range
     elif job.kind == "parquet":

@@ -1,64 +1,49 @@
 """Writing a unit's shards atomically, and the completion records that make a run resumable.
 
-A unit's shards are written by webdataset's ShardWriter under ``.tmp/``; each file is hashed while it is
-written. When the unit is complete its shards are renamed into the output directory and then its record
-``.records/unit-<job>-<unit>.json`` is written (temporary name + rename): the record is the commit point. A job
-record follows once all its units are committed. On a re-run, a unit whose record exists and whose shards still
-match it is kept; anything else is removed and redone. A killed run therefore never leaves a partial shard that
-a later run would trust.
+A unit's shards are built in memory (a shard never holds more than its unit's samples; members are written by
+``tar_format.py``), written under ``.tmp/``, hashed and fsynced. When the unit is complete its shards are
+renamed into the output directory and then its record ``.records/unit-<job>-<unit>.json`` is written
+(temporary name + rename): the record is the commit point. A job record follows once all its units are
+committed. On a re-run, a unit whose record exists and whose shards still match it is kept; anything else is
+removed and redone. A killed run therefore never leaves a partial shard that a later run would trust.
+
+Records are not fsynced: a record lost or truncated by a crash of the machine reads as missing (its JSON does
+not parse), and the unit is redone; a record that survived names shards that were fsynced before it existed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
 
-import webdataset as wds
+import numpy as np
 
+from pipeline.preprocess.tar_format import archive_end, member, pack
 from pipeline.tokenizer.spm import sha256_file
 
 TMP_DIR = ".tmp"
 RECORDS_DIR = ".records"
 
 
-class _HashingFile:
-    """A write-only file that hashes what goes through it (so a shard is never read back to be hashed)."""
-
-    def __init__(self, path: str):
-        self._fh = open(path, "wb")  # noqa: SIM115 - closed by ShardWriter's post callback
-        self._sha = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data) -> int:
-        self._sha.update(data)
-        self.bytes += len(data)
-        return self._fh.write(data)
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def close(self) -> str:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        return self._sha.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict, durable: bool = True, indent: int | None = 1) -> None:
+    """Write ``data`` under a temporary name, then rename it; ``durable``: fsync before the rename. Files only
+    the tool reads are written with ``indent=None``: json's C encoder, not its pure-Python indenting one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
+        json.dump(data, fh, indent=indent)
         fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
 class UnitShardWriter:
-    """ShardWriter for one unit: ``<objective>-<job>-<unit>-<part>.tar``, at most ``maxcount`` samples each."""
+    """One unit's samples in ``<objective>-<job>-<unit>-<part>.tar`` shards of at most ``maxcount`` samples."""
 
     def __init__(self, out_dir: Path, prefix: str, maxcount: int):
         self.out_dir = out_dir
@@ -66,47 +51,54 @@ class UnitShardWriter:
         self.prefix = prefix
         self.maxcount = maxcount
         self.shards: list[dict] = []
-        self._writer: wds.ShardWriter | None = None
-        self._files: dict[str, _HashingFile] = {}
-        self._counts: dict[str, list[int]] = {}
+        self._members: list[bytes | np.ndarray] = []
+        self._samples = 0
+        self._tokens = 0
 
-    def _open(self, fname: str) -> _HashingFile:
-        f = _HashingFile(fname)
-        self._files[fname] = f
-        self._counts[fname] = [0, 0]
-        return f
+    def write(self, key: str, fields: tuple[tuple[str, bytes], ...], num_tokens: int) -> None:
+        """One sample: its ``(extension, data)`` fields, in sorted order (as webdataset writes them)."""
+        for extension, data in fields:
+            self._members.append(member(f"{key}.{extension}", data))
+        self._samples += 1
+        self._tokens += num_tokens
+        if self._samples >= self.maxcount:
+            self._close_shard()
 
-    def _post(self, fname: str) -> None:
-        f = self._files.pop(fname)
-        sha = f.close()
-        samples, tokens = self._counts.pop(fname)
+    def write_packed(self, names: np.ndarray, sizes: np.ndarray, payload: tuple[np.ndarray, ...], num_tokens):
+        """Many one-member samples at once: names, sizes and payload columns as ``tar_format.pack`` takes them."""
+        start = 0
+        while start < len(names):
+            end = start + min(self.maxcount - self._samples, len(names) - start)
+            self._members.append(pack(names[start:end], sizes[start:end], *(p[start:end] for p in payload)))
+            self._samples += end - start
+            self._tokens += int(num_tokens[start:end].sum())
+            if self._samples >= self.maxcount:
+                self._close_shard()
+            start = end
+
+    def _close_shard(self) -> None:
+        if not self._samples:  # a unit without samples writes no empty shard
+            return
+        self._members.append(archive_end(sum(len(m) for m in self._members)))
+        name = f"{self.prefix}-{len(self.shards):03d}.tar"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        sha = hashlib.sha256()
+        size = 0
+        with open(self.tmp_dir / name, "wb") as fh:
+            for part in self._members:
+                sha.update(part)
+                fh.write(part)
+                size += len(part)
+            fh.flush()
+            os.fsync(fh.fileno())
         self.shards.append(
-            {"name": os.path.basename(fname), "samples": samples, "tokens": tokens, "bytes": f.bytes, "sha256": sha}
+            {"name": name, "samples": self._samples, "tokens": self._tokens, "bytes": size, "sha256": sha.hexdigest()}
         )
-
-    def write(self, sample: dict, num_tokens: int) -> None:
-        if self._writer is None:  # created lazily: a unit without samples writes no empty shard
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = wds.ShardWriter(
-                str(self.tmp_dir / f"{self.prefix}-%03d.tar"),
-                maxcount=self.maxcount,
-                maxsize=float("inf"),
-                post=self._post,
-                verbose=0,
-                opener=self._open,
-                encoder=False,  # samples arrive as bytes (see samples.py)
-                mtime=0,  # fixed header times: the same samples give byte-identical shards
-            )
-        self._writer.write(sample)
-        counts = self._counts[self._writer.fname]
-        counts[0] += 1
-        counts[1] += num_tokens
+        self._members, self._samples, self._tokens = [], 0, 0
 
     def commit(self) -> list[dict]:
         """Close the last shard and move every shard of the unit into the output directory."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._close_shard()
         for shard in self.shards:
             os.replace(self.tmp_dir / shard["name"], self.out_dir / shard["name"])
         return self.shards
@@ -138,8 +130,15 @@ def load_record(path: Path) -> dict | None:
 
 
 def remove_unit_outputs(out_dir: Path, prefix: str) -> None:
-    """Delete whatever an interrupted attempt left of a unit (final-named shards, temporaries, record)."""
-    for directory in (out_dir, out_dir / TMP_DIR):
-        if directory.is_dir():
-            for path in directory.glob(f"{prefix}-*.tar"):
+    """Delete whatever an interrupted attempt left of a unit. Its shards are numbered from 000 and each was
+    either renamed into the output directory or is still under .tmp/, so together they are 000, 001, ...:
+    names are probed (a glob would list the whole output directory once per unit, quadratic at scale)."""
+    for k in itertools.count():
+        found = False
+        for directory in (out_dir, out_dir / TMP_DIR):
+            path = directory / f"{prefix}-{k:03d}.tar"
+            if path.exists():
                 path.unlink()
+                found = True
+        if not found:
+            return

@@ -87,8 +87,8 @@ def print_report(report: dict) -> None:
             f"{stats['random_next_fallback_units']}"
         )
     print(
-        f"  {report['seconds']:.1f} s, {report['documents_per_second']:.0f} documents/s, "
-        f"{report['tokens_per_second']:.3g} tokens/s"
+        f"  {report['seconds']:.1f} s ({report.get('cpu_seconds', 0):.1f} CPU s), "
+        f"{report['documents_per_second']:.0f} documents/s, {report['tokens_per_second']:.3g} tokens/s"
     )
     if not report["manifest_written"]:
         n, out = report["num_tasks"], report["output"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -81,7 +82,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, task_index: int) -> N
         _clear_outputs(out)
     # Concurrent array tasks write the same plan: a per-task temporary name keeps the rename atomic.
     tmp = out / f"{PLAN}.tmp-{task_index}"
-    tmp.write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(plan) + "\n", encoding="utf-8")
     tmp.replace(out / PLAN)
 
 
@@ -97,7 +98,7 @@ def _job_done(out: Path, job: Job, verify: bool) -> dict | None:
 
 
 def run_sharding(cfg: ShardJobConfig) -> dict:
-    t0 = time.time()
+    t0, times0 = time.time(), os.times()
     num_tasks, task_index = cfg.run.resolved_tasks()
     tokenizer = Tokenizer(cfg.data.tokenizer)
     files, ignored = resolve_inputs(cfg.input.paths)
@@ -180,13 +181,15 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         "config": {k: v for k, v in to_dict(cfg).items() if k != "run"} | {"output": cfg.content_config()["output"]},
     }
     elapsed = time.time() - t0
+    times = os.times()
+    cpu_seconds = sum(times[k] - times0[k] for k in range(4))  # this process and its (reaped) workers
     part = {"task": task_index, "num_tasks": num_tasks, "fingerprint": plan["fingerprint"], "header": header}
     if num_tasks == 1:
         manifest = build_manifest(plan, entries, header)
         write_manifest(out, manifest)
         totals, stats = manifest["totals"], manifest["stats"]
     else:
-        write_json_atomic(part_path(out, task_index, num_tasks), {**part, "entries": entries})
+        write_json_atomic(part_path(out, task_index, num_tasks), {**part, "entries": entries}, indent=None)
         manifest = None
         totals, stats = _task_summary(entries)
     report = {
@@ -197,6 +200,7 @@ def run_sharding(cfg: ShardJobConfig) -> dict:
         "jobs": len(mine),
         "jobs_reused": reused_jobs,
         "seconds": round(elapsed, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
         "tokens_per_second": round(totals["tokens"] / max(elapsed, 1e-9), 1),
         "documents_per_second": round(stats.get("documents", 0) / max(elapsed, 1e-9), 1),
         "totals": totals,

@@ -6,13 +6,14 @@ Runs in a worker process (or inline with one worker). Everything random is seede
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.preprocess.bert_pairs import RandomNextPool, create_unit_instances
+from pipeline.preprocess.bert_pairs import RandomNextPool, UnitTokens, create_unit_pairs
 from pipeline.preprocess.config import ShardJobConfig
 from pipeline.preprocess.partners import PartnerDocument, PartnerIndex
 from pipeline.preprocess.plan import Job, iter_units, job_documents
@@ -25,8 +26,9 @@ from pipeline.preprocess.records import (
     unit_record_path,
     write_json_atomic,
 )
-from pipeline.preprocess.samples import bert_record, gpt_record
+from pipeline.preprocess.samples import BERT_FIELD, GPT_FIELD, MLM_FIELD, bert_samples, npy_bytes, npy_columns
 from pipeline.preprocess.static_masking import mask_sequence
+from pipeline.preprocess.tar_format import numbered_names
 from pipeline.text.readers import Document, InputFile, ReadStats
 from pipeline.text.sentences import SentenceSplitter, build_splitter
 from pipeline.tokenizer.spm import Tokenizer, sha256_file
@@ -84,7 +86,7 @@ def process_job(ctx: WorkerContext, job: Job) -> dict:
         else:
             unit_stats = _gpt_unit(ctx, job, u, docs, writer)
         shards = writer.commit()
-        write_json_atomic(record_path, {"unit": stem, "shards": shards, "stats": unit_stats})
+        write_json_atomic(record_path, {"unit": stem, "shards": shards, "stats": unit_stats}, False, None)
         units.append(stem)
         tokens += unit_stats["tokens"]
     inputs = [
@@ -100,11 +102,11 @@ def process_job(ctx: WorkerContext, job: Job) -> dict:
         "long_sentences_cut": getattr(splitter, "num_long_cuts", 0) - cuts_before,
         "units_reused": reused,
     }
-    write_json_atomic(job_record_path(ctx.out_dir, job.stem), job_record)
+    write_json_atomic(job_record_path(ctx.out_dir, job.stem), job_record, False, None)
     return job_record
 
 
-def _histogram(lengths: list[int], size: int) -> list[int]:
+def _histogram(lengths, size: int) -> list[int]:
     return np.bincount(np.asarray(lengths, dtype=np.int64), minlength=size + 1)[: size + 1].tolist()
 
 
@@ -120,50 +122,59 @@ def _bert_unit(ctx: WorkerContext, job: Job, unit: int, docs: list[Document], wr
     special = tok.special
     rng = random.Random(f"{data.seed}/{job.index}/{unit}")
     splitter = ctx.splitter
-    sentence_lists = [splitter.split(d.text) for d in docs]
+    groups = [splitter.split(d.text) for d in docs]
+    num_sentences = sum(len(g) for g in groups)
     partners: list[PartnerDocument] = []
-    partner_lists: list[list[str]] = []
     if data.random_next_scope == "corpus":
         window_rng = random.Random(f"{data.seed}/{job.index}/{unit}/random-next")
         partners = ctx.partners.pool(window_rng, data.random_next_windows, data.random_next_window_bytes)
         cuts = getattr(splitter, "num_long_cuts", None)
-        partner_lists = [_partner_sentences(splitter, p) for p in partners]
+        groups += [_partner_sentences(splitter, p) for p in partners]
         if cuts is not None:  # the report counts cuts in the input's own documents only
             splitter.num_long_cuts = cuts
-    encoded = tok.encode([s for sentences in (*sentence_lists, *partner_lists) for s in sentences])
-    documents: list[list[list[int]]] = []
-    k = 0
-    for sentences in sentence_lists:
-        documents.append([ids for ids in encoded[k : k + len(sentences)] if ids])
-        k += len(sentences)
-    num_sentences = k
-    input_tokens = sum(len(ids) for ids in encoded[:k])
+    # One encode call for the unit and its random-next pool; sentences that encode to nothing are dropped.
+    encoded = tok.encode([s for g in groups for s in g])
+    kept = [ids for ids in encoded if ids]
+    counts, k = [], 0
+    for g in groups:
+        counts.append(sum(1 for ids in encoded[k : k + len(g)] if ids))
+        k += len(g)
+    sentence_lengths = [len(ids) for ids in kept]
+    flat = np.fromiter(itertools.chain.from_iterable(kept), dtype=tok.token_dtype, count=sum(sentence_lengths))
+    offsets = [0, *itertools.accumulate(sentence_lengths)]
+    unit_counts = counts[: len(docs)]
+    with_text = [i for i, c in enumerate(unit_counts) if c]  # a document that encodes to nothing has no pairs
+    doc_sentences = [0, *itertools.accumulate(unit_counts[i] for i in with_text)]
+    tokens = UnitTokens(flat, offsets, doc_sentences)
     file_index = ctx.partners.file_index
-    kept = [i for i, d in enumerate(documents) if d]
-    doc_files = [file_index[docs[i].path] for i in kept]
-    stats: dict = {"documents": len(docs), "sentences": num_sentences, "input_tokens": input_tokens}
-    if len(kept) < len(documents):  # e.g. only characters that SentencePiece normalises away
-        stats["documents_without_tokens"] = len(documents) - len(kept)
-    documents = [documents[i] for i in kept]
-    stats["single_sentence_documents"] = sum(1 for d in documents if len(d) == 1)
+    doc_files = [file_index[docs[i].path] for i in with_text]
+    stats: dict = {
+        "documents": len(docs),
+        "sentences": num_sentences,
+        "single_sentence_documents": sum(1 for i in with_text if unit_counts[i] == 1),
+        "input_tokens": offsets[doc_sentences[-1]],
+    }
+    if len(with_text) < len(docs):  # e.g. only characters that SentencePiece normalises away
+        stats["documents_without_tokens"] = len(docs) - len(with_text)
     pool = None
     if data.random_next_scope == "corpus":
-        in_unit = {(doc_files[j], docs[i].offset): j for j, i in enumerate(kept)}
-        pool = RandomNextPool([], [], [])
-        for partner, sentences in zip(partners, partner_lists, strict=True):
-            ids = [x for x in encoded[k : k + len(sentences)] if x]
-            k += len(sentences)
-            if ids:
-                pool.documents.append(ids)
+        in_unit = {(doc_files[j], docs[i].offset): j for j, i in enumerate(with_text)}
+        pool = RandomNextPool([], [], [], [])
+        first = doc_sentences[-1]
+        for partner, count in zip(partners, counts[len(docs) :], strict=True):
+            if count:
+                pool.first.append(first)
+                pool.end.append(first + count)
                 pool.unit_index.append(in_unit.get((partner.file, partner.offset), -1))
                 pool.files.append(partner.file)
-        stats["random_next_pool_documents"] = len(pool.documents)
-        stats["random_next_pool_tokens"] = sum(len(x) for d in pool.documents for x in d)
-        if not pool.documents:  # nothing reachable (or readable) in the input: the unit is its own pool
+            first += count
+        stats["random_next_pool_documents"] = len(pool.first)
+        stats["random_next_pool_tokens"] = offsets[first] - offsets[doc_sentences[-1]]
+        if not pool.first:  # nothing reachable (or readable) in the input: the unit is its own pool
             stats["random_next_fallback_units"] = 1
             pool = None
-    instances, _ = create_unit_instances(
-        documents,
+    pairs, _ = create_unit_pairs(
+        tokens,
         data.seq_len,
         data.short_seq_prob,
         data.random_next_prob,
@@ -174,49 +185,61 @@ def _bert_unit(ctx: WorkerContext, job: Job, unit: int, docs: list[Document], wr
         single_sentence=data.single_sentence_documents,
         files=doc_files,
     )
-    dtype = tok.token_dtype
-    lengths: list[int] = []
-    random_next = 0
-    cls, sep = special.cls, special.sep
-    for idx, inst in enumerate(instances):
-        ids = [cls, *inst.tokens_a, sep, *inst.tokens_b, sep]
-        mlm = None
-        if data.static_masking:
-            ids, positions, labels = mask_sequence(
-                ids,
-                rng,
-                masked_lm_prob=data.masked_lm_prob,
-                max_predictions=data.max_predictions_per_seq,
-                mask_id=special.mask,
-                special=tok.special_token_mask,
-                word_start=tok.word_start,
-                whole_word=data.whole_word_mask,
-                vocab_size=tok.vocab_size,
-                num_special=special.num_special,
-            )
-            mlm = [positions, labels]
-        writer.write(bert_record(f"{job.stem}-{unit:05d}-{idx:07d}", inst.is_random_next, ids, dtype, mlm), len(ids))
-        lengths.append(len(ids))
-        random_next += inst.is_random_next
-    stats.update(samples=len(instances), tokens=sum(lengths), random_next=random_next)
+    samples, bounds = bert_samples(flat, pairs, special.cls, special.sep)
+    stem = f"{job.stem}-{unit:05d}"
+    lengths = np.diff(bounds) - 1  # input ids per sample (element 0 is the NSP label)
+    if data.static_masking:
+        _write_static_masked(tok, data, rng, samples, bounds, stem, writer)
+    elif len(pairs):
+        rows = np.zeros((len(pairs), int(lengths.max()) + 1), dtype=samples.dtype)
+        rows[np.arange(rows.shape[1]) <= lengths[:, None]] = samples  # one sample per row, zeros after it
+        npy_headers, npy_data, sizes = npy_columns(rows, lengths + 1)
+        names = numbered_names(f"{stem}-", len(pairs), f".{BERT_FIELD}")
+        writer.write_packed(names, sizes, (npy_headers, npy_data), lengths)
+    stats.update(samples=len(pairs), tokens=int(lengths.sum()), random_next=int(pairs.is_random_next.sum()))
     stats["length_histogram"] = _histogram(lengths, data.seq_len)
     return stats
+
+
+def _write_static_masked(tok: Tokenizer, data, rng: random.Random, samples, bounds, stem, writer) -> None:
+    """The original recipe's baked-in masks, drawn per sample in output order (the slow path, by choice)."""
+    special = tok.special
+    for idx in range(len(bounds) - 1):
+        label, *ids = samples[bounds[idx] : bounds[idx + 1]].tolist()
+        ids, positions, labels = mask_sequence(
+            ids,
+            rng,
+            masked_lm_prob=data.masked_lm_prob,
+            max_predictions=data.max_predictions_per_seq,
+            mask_id=special.mask,
+            special=tok.special_token_mask,
+            word_start=tok.word_start,
+            whole_word=data.whole_word_mask,
+            vocab_size=tok.vocab_size,
+            num_special=special.num_special,
+        )
+        fields = (
+            (BERT_FIELD, npy_bytes(np.array([label, *ids], dtype=samples.dtype))),
+            (MLM_FIELD, npy_bytes(np.array([positions, labels], dtype=np.int32).reshape(2, -1))),
+        )
+        writer.write(f"{stem}-{idx:07d}", fields, len(ids))
 
 
 def _gpt_unit(ctx: WorkerContext, job: Job, unit: int, docs: list[Document], writer: UnitShardWriter) -> dict:
     data = ctx.cfg.data
     tok = ctx.tokenizer
     encoded = tok.encode([d.text for d in docs])
-    stream: list[int] = []
-    for ids in encoded:
-        stream.extend(ids)
-        stream.append(tok.special.eod)
-    arr = np.array(stream, dtype=tok.token_dtype)
+    eod = (tok.special.eod,)
+    count = sum(len(ids) for ids in encoded) + len(encoded)
+    stream = itertools.chain.from_iterable(itertools.chain(ids, eod) for ids in encoded)
+    arr = np.fromiter(stream, dtype=tok.token_dtype, count=count)
     block = data.seq_len + 1
     num_blocks = max(0, (len(arr) - 1) // data.seq_len)
-    for b in range(num_blocks):
-        start = b * data.seq_len
-        writer.write(gpt_record(f"{job.stem}-{unit:05d}-{b:07d}", arr[start : start + block]), block)
+    if num_blocks:
+        rows = np.lib.stride_tricks.sliding_window_view(arr, block)[:: data.seq_len][:num_blocks]
+        npy_headers, npy_data, sizes = npy_columns(rows, np.full(num_blocks, block))
+        names = numbered_names(f"{job.stem}-{unit:05d}-", num_blocks, f".{GPT_FIELD}")
+        writer.write_packed(names, sizes, (npy_headers, npy_data), np.full(num_blocks, block))
     used = num_blocks * data.seq_len + 1 if num_blocks else 0
     return {
         "documents": len(docs),

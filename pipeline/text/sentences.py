@@ -69,16 +69,16 @@ _DOTTED_INITIALS = re.compile(r"^(?:[A-Za-z]\.)+[A-Za-z]$")
 def _is_abbreviation(text: str, punct_start: int) -> bool:
     """Does the "." at ``punct_start`` end an abbreviation or an initial rather than a sentence?"""
     # The word the dot belongs to, looking back a bounded window (abbreviations are short; an unbounded search
-    # back through a long paragraph would make the splitter quadratic).
-    words = text[max(0, punct_start - 32) : punct_start].split()
+    # back through a long paragraph would make the splitter quadratic). rsplit: only the last word is cut out.
+    words = text[max(0, punct_start - 32) : punct_start].rsplit(None, 1)
     if not words:
         return False
     word = words[-1].lstrip("\"'“‘«([")
     if not word:
         return False
-    if len(word) == 1 and word.isalpha() and word.isupper():  # an initial: "J. Q. Adams"
-        return True
-    if _DOTTED_INITIALS.match(word):  # "U.S", "D.C", "e.g"
+    if len(word) == 1:  # an initial: "J. Q. Adams"
+        return word.isalpha() and word.isupper()
+    if "." in word and _DOTTED_INITIALS.match(word):  # "U.S", "D.C", "e.g"
         return True
     return word.lower() in ABBREVIATIONS
 

@@ -1,0 +1,1 @@
+"""Evaluation of a pre-trained model: fine-tuning suites against random initialisation (`evaluate`)."""
