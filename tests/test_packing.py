@@ -101,6 +101,29 @@ def test_pack_batch_is_a_layout_of_the_same_batch():
         assert set(packed["cls_index"]) <= set(cu)  # every pair starts a run
 
 
+def test_packed_attention_on_cpu_is_the_block_diagonal_mask_and_says_why_not_varlen(caplog):
+    from pipeline.model import attention
+
+    seq = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    layout = attention.PackedLayout.from_sequence_ids(seq, torch.tensor([0, 2, 5, 6, 12]), 6)
+    assert layout.mask[0, 0].tolist()[1] == [True, True, False, False, False, False]  # never across pairs
+    assert layout.mask[0, 0].tolist()[5] == [False] * 5 + [True]  # padding sees padding only: no NaN row
+    q, k, v = torch.randn(3, 2, 2, 6, 4).unbind(0)
+    out = attention.packed_attention(q, k, v, layout, 0.0)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask))
+    # Attention of the first pair alone: the second pair and the padding change nothing.
+    alone = F.scaled_dot_product_attention(q[:1, :, :2], k[:1, :, :2], v[:1, :, :2])
+    torch.testing.assert_close(out[:1, :, :2], alone)
+    # Why a GPU would fall back to the mask: each reason is named.
+    if attention.varlen_attn is None:
+        assert "has no torch.nn.attention.varlen" in attention._varlen_unusable(q.bfloat16(), layout, 0.0)
+        return
+    assert "dropout" in attention._varlen_unusable(q.bfloat16(), layout, 0.1)
+    assert "fp16/bf16" in attention._varlen_unusable(q, layout, 0.0)
+    assert "cu_seqlens" in attention._varlen_unusable(q, attention.PackedLayout(layout.mask), 0.0)
+    assert attention._varlen_unusable(q.bfloat16(), layout, 0.0) is None
+
+
 def per_pair_losses(model, batch: dict, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(MLM loss of each pair (mean over its predicted tokens), NSP loss of each pair), from full logits."""
     keys = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "sequence_ids", "cls_index")
