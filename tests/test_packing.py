@@ -18,8 +18,12 @@ from train_helpers import kill_group, losses, start_train, train_args, wait_for
 
 from data_shards import build_shards, keys_by_shard
 from pipeline.data.masking import IGNORE_INDEX
-from pipeline.data.packing import first_fit_decreasing, pack_batch
+from pipeline.data.packing import PACKED_KEYS, first_fit_decreasing, pack_batch
 from pipeline.errors import UserError
+from pipeline.finetune.heads import FinetuneModel
+from pipeline.finetune.inputs import InputFormat
+from pipeline.finetune.problems import ClassificationProblem
+from pipeline.finetune.task import check_packing, pack_features
 from pipeline.model import build_model
 from pipeline.preprocess.samples import parse_bert
 from pipeline.tokenizer.special import SPECIAL_IDS
@@ -265,3 +269,52 @@ def test_killed_packed_run_resumes_to_the_same_losses(packed_run, bert_shards, t
     assert 4 <= max(losses(out)) < 8, "the run must have been killed part-way"
     run_cli_in_process(*args, env=process_group.env)
     assert losses(out) == losses(ref)  # exact: same pairs, masks, dropout and optimizer state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning: sentence and pair classification
+
+
+@pytest.mark.parametrize("kind", ["classification", "pair_classification"])
+def test_packed_finetuning_batch_gives_each_example_its_unpacked_logits_and_loss(kind):
+    rng = np.random.default_rng(3)
+    fmt = InputFormat("bert", 128)
+    features = []
+    for _ in range(20):  # short texts (5-25 pieces), as in sentence classification
+        a = rng.integers(9, 300, size=rng.integers(5, 26)).tolist()
+        b = rng.integers(9, 300, size=rng.integers(5, 26)).tolist()
+        features.append((fmt.pair(a, b) if kind == "pair_classification" else fmt.single(a), int(rng.integers(3))))
+    problem = ClassificationProblem.__new__(ClassificationProblem)  # collate and loss need no tokenizer
+    unpacked = ClassificationProblem.collate(problem, features)
+    packed = pack_features(unpacked, 128)
+    assert len(packed["input_ids"]) < len(features) // 2 and packed["attention_mask"].sum() == sum(
+        len(f[0].input_ids) for f in features
+    )
+    torch.manual_seed(0)
+    model = FinetuneModel(tiny(vocab_size=300, max_position_embeddings=128), "classify", num_labels=3).eval()
+    keys = ("input_ids", "token_type_ids", "attention_mask", "summary_index", *PACKED_KEYS)
+    with torch.no_grad():
+        out_u = model(**{k: unpacked[k] for k in keys if k in unpacked})
+        out_p = model(**{k: packed[k] for k in keys if k in packed})
+    torch.testing.assert_close(out_p.logits, out_u.logits, rtol=0, atol=1e-5)
+    loss_u, _ = ClassificationProblem.loss(problem, out_u, unpacked)
+    loss_p, sums = ClassificationProblem.loss(problem, out_p, packed)
+    torch.testing.assert_close(loss_p, loss_u, rtol=0, atol=1e-5)
+    assert sums["task_count"] == len(features)
+
+
+def test_finetune_packing_is_refused_where_it_is_not_exact():
+    from pipeline.config import build_config
+    from pipeline.finetune.config import FinetuneJobConfig
+
+    def cfg(**values):
+        return build_config(FinetuneJobConfig, None, {"finetune.packing": True, **values})
+
+    check_packing(cfg(**{"task.kind": "classification", "task.labels": ["a", "b"]}), "bert")
+    for values, arch, message in [
+        ({"task.kind": "squad"}, "bert", "classification only"),
+        ({"task.kind": "classification", "task.labels": ["a", "b"]}, "gpt", "classification only"),
+        ({"task.kind": "classification", "task.labels": ["a", "b"], "finetune.pooling": "mean"}, "bert", "[CLS]"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_packing(cfg(**values), arch)
