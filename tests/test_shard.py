@@ -243,3 +243,21 @@ def test_cli_reports_bad_inputs_and_fails_early(tmp_path, small_tokenizer):
     assert missing.returncode == 2 and "input not found" in missing.stderr and not (tmp_path / "never").exists()
     bad_tok = run_cli("shard", "--input", str(corpus), "--tokenizer", str(tmp_path), "--output", str(out), check=False)
     assert bad_tok.returncode == 2 and "not a tokenizer directory" in bad_tok.stderr
+
+
+def test_a_failed_background_commit_is_raised_and_leaves_no_record(tmp_path):
+    """Units are committed in a background thread (shards, fsync, then the record): a failure there must stop
+    the job with its error, and the unit must not be recorded as done."""
+    from pipeline.preprocess.records import UnitCommitter, UnitShardWriter
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp").write_text("a file where the temporary directory goes")  # the commit cannot write under it
+    writer = UnitShardWriter(out, "bert-000-00000", maxcount=10)
+    writer.write("s-0", (("bert.npy", b"x" * 10),), 10)
+    record = tmp_path / "unit.json"
+    committer = UnitCommitter()
+    committer.submit(writer, record, {"unit": "u", "shards": [], "stats": {}})
+    with pytest.raises(OSError):
+        committer.shutdown()
+    assert not record.exists()

@@ -88,3 +88,24 @@ def test_without_a_random_baseline_only_means_are_reported():
     out = transfer.summarise({"pretrained": [{"accuracy": 0.5, "macro_f1": 0.4, "metric": "accuracy"}]})
     assert out["mean"] == {"pretrained": {"accuracy": 0.5, "macro_f1": 0.4}}
     assert out["gain"] == {} and out["wins"] == {}
+
+
+def test_table_columns_stay_apart_for_long_start_names():
+    from pipeline.evaluate.transfer import format_table
+
+    names = ["bert-adapted", "bert-general"]
+    mean = {n: {"accuracy": 0.5} for n in [*names, "random"]}
+    result = {
+        "budget": {"seeds": [1]},
+        "starts": {n: {} for n in names},
+        "tasks": {
+            "movie-sentiment": {
+                "metrics": ["accuracy"],
+                "mean": mean,
+                "gain": {n: {"accuracy": 0.0} for n in names},
+                "wins": dict.fromkeys(names, 0),
+            }
+        },
+    }
+    header = format_table(result).splitlines()[-2].split()
+    assert header[2:5] == ["bert-adapted", "bert-general", "random"]

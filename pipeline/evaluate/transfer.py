@@ -213,15 +213,20 @@ def format_table(result: dict) -> str:
             pre = info["pretraining"]
             lines.append(f"  {name} ({task}): {info['checkpoint']}, {pre['step']} steps, {pre['tokens']} tokens")
     columns = [*names, RANDOM] if with_random else names
-    header = f"{'task':<18}{'metric':<12}" + "".join(f"{n:>12}" for n in columns)
+    # Columns as wide as their names (a start may be called "bert-adapted"), at least 12; two spaces between.
+    width = {n: max(12, len(n) + 2) for n in columns}
+    gain_width = {n: max(16, len(n) + 7) for n in names}
+    header = f"{'task':<18}{'metric':<12}" + "".join(f"{n:>{width[n]}}" for n in columns)
     if with_random:
-        header += "".join(f"{'gain ' + n:>16}{'wins':>6}" for n in names)
+        header += "".join(f"{'gain ' + n:>{gain_width[n]}}{'wins':>6}" for n in names)
     lines.append(header)
     for task, t in result["tasks"].items():
         for metric in t.get("metrics", [k for k in METRICS if k in t["mean"][names[0]]]):
-            row = f"{task:<18}{metric:<12}" + "".join(f"{t['mean'][n][metric]:>12.4f}" for n in columns)
+            row = f"{task:<18}{metric:<12}" + "".join(f"{t['mean'][n][metric]:>{width[n]}.4f}" for n in columns)
             if with_random:
-                row += "".join(f"{t['gain'][n][metric]:>+16.4f}{t['wins'][n]:>3}/{len(seeds)}" for n in names)
+                row += "".join(
+                    f"{t['gain'][n][metric]:>+{gain_width[n]}.4f}{t['wins'][n]:>3}/{len(seeds)}" for n in names
+                )
             lines.append(row)
     return "\n".join(lines)
 

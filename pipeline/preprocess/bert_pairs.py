@@ -157,7 +157,15 @@ def create_unit_pairs(
     last_pool = len(pool_first) - 1
     max_num_tokens = seq_len - 3
     skip_singles = single_sentence == "random_next_only"
-    rand, randint = rng.random, rng.randint
+    rand, below = rng.random, rng._randbelow
+
+    def randint(a: int, b: int) -> int:
+        # rng.randint(a, b) is a + rng._randbelow(b - a + 1) after two layers of argument checks (CPython's
+        # randrange); called once or twice per pair, those layers were a tenth of BERT sharding. Same stream.
+        if b < a:
+            raise ValueError(f"empty range for randint({a}, {b})")
+        return a + below(b - a + 1)
+
     out: list[tuple[int, int, int, int, int, int, int]] = []
     distance = dict.fromkeys(PARTNER_DISTANCES, 0)
     single_pairs = truncated_pairs = truncated_tokens = 0

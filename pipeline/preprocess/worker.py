@@ -18,6 +18,7 @@ from pipeline.preprocess.config import ShardJobConfig
 from pipeline.preprocess.partners import PartnerDocument, PartnerIndex
 from pipeline.preprocess.plan import Job, iter_units, job_documents
 from pipeline.preprocess.records import (
+    UnitCommitter,
     UnitShardWriter,
     job_record_path,
     load_record,
@@ -68,27 +69,31 @@ def process_job(ctx: WorkerContext, job: Job) -> dict:
     reused = 0
     tokens = 0
     documents = job_documents(job, ctx.files, cfg.input, stats)
-    for u, docs in enumerate(iter_units(documents, cfg.data.unit_bytes, cfg.data.min_docs_per_unit)):
-        stem = f"{job.stem}-{u:05d}"
-        record_path = unit_record_path(ctx.out_dir, stem)
-        record = load_record(record_path)
-        if record is not None and shards_intact(ctx.out_dir, record["shards"], cfg.run.verify_existing):
+    committer = UnitCommitter()
+    try:
+        for u, docs in enumerate(iter_units(documents, cfg.data.unit_bytes, cfg.data.min_docs_per_unit)):
+            stem = f"{job.stem}-{u:05d}"
+            record_path = unit_record_path(ctx.out_dir, stem)
+            record = load_record(record_path)
+            if record is not None and shards_intact(ctx.out_dir, record["shards"], cfg.run.verify_existing):
+                units.append(stem)
+                reused += 1
+                tokens += record["stats"]["tokens"]
+                continue
+            prefix = f"{cfg.data.objective}-{stem}"
+            record_path.unlink(missing_ok=True)
+            remove_unit_outputs(ctx.out_dir, prefix)
+            writer = UnitShardWriter(ctx.out_dir, prefix, cfg.output.samples_per_shard)
+            if cfg.data.objective == "bert":
+                unit_stats = _bert_unit(ctx, job, u, docs, writer)
+            else:
+                unit_stats = _gpt_unit(ctx, job, u, docs, writer)
+            # Shards, then the unit's record, in the background while the next unit is built.
+            committer.submit(writer, record_path, {"unit": stem, "shards": [], "stats": unit_stats})
             units.append(stem)
-            reused += 1
-            tokens += record["stats"]["tokens"]
-            continue
-        prefix = f"{cfg.data.objective}-{stem}"
-        record_path.unlink(missing_ok=True)
-        remove_unit_outputs(ctx.out_dir, prefix)
-        writer = UnitShardWriter(ctx.out_dir, prefix, cfg.output.samples_per_shard)
-        if cfg.data.objective == "bert":
-            unit_stats = _bert_unit(ctx, job, u, docs, writer)
-        else:
-            unit_stats = _gpt_unit(ctx, job, u, docs, writer)
-        shards = writer.commit()
-        write_json_atomic(record_path, {"unit": stem, "shards": shards, "stats": unit_stats}, False, None)
-        units.append(stem)
-        tokens += unit_stats["tokens"]
+            tokens += unit_stats["tokens"]
+    finally:
+        committer.shutdown()  # every unit committed (or its error raised) before the job record
     inputs = [
         {"index": i, "path": ctx.files[i].path, "bytes": ctx.files[i].size, "sha256": sha256_file(ctx.files[i].path)}
         for i in job.hashes

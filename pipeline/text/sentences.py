@@ -68,6 +68,10 @@ _DOTTED_INITIALS = re.compile(r"^(?:[A-Za-z]\.)+[A-Za-z]$")
 
 def _is_abbreviation(text: str, punct_start: int) -> bool:
     """Does the "." at ``punct_start`` end an abbreviation or an initial rather than a sentence?"""
+    # Most dots end a word of seven or more letters: not an abbreviation (the longest is six), not an initial,
+    # not dotted initials. One C-level check answers them before the word is cut out (the splitter's hot path).
+    if punct_start >= 7 and text[punct_start - 7 : punct_start].isalpha():
+        return False
     # The word the dot belongs to, looking back a bounded window (abbreviations are short; an unbounded search
     # back through a long paragraph would make the splitter quadratic). rsplit: only the last word is cut out.
     words = text[max(0, punct_start - 32) : punct_start].rsplit(None, 1)
