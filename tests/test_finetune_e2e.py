@@ -82,6 +82,25 @@ def test_classification_bert_movie_snippets_with_mlflow_and_report(data, bert, t
     assert {"report.json", "confusion_matrix.png", "lineage.json", "best.json", "config.yaml"} <= artifacts
 
 
+@pytest.mark.slow  # two fine-tuning runs
+def test_packed_finetuning_follows_the_unpacked_run(data, bert, tmp_path):
+    """finetune.packing computes the same examples in fewer rows: without dropout the same losses step by step."""
+    from train_helpers import losses
+
+    path = movie_tsv(data, tmp_path / "movies.tsv", 80)
+    runs = {}
+    for packing in ("true", "false"):
+        out = tmp_path / f"packing-{packing}"
+        _, runs[packing] = finetune("movie-sentiment", bert, out, "--data.train.path", str(path),
+                                    "--finetune.epochs", "1", "--finetune.packing", packing, "--finetune.dropout", "0",
+                                    "--finetune.head_dropout", "0")  # fmt: skip
+        runs[packing]["losses"] = losses(out)
+    assert list(runs["true"]["losses"]) == list(range(1, 10))
+    for step, loss in runs["false"]["losses"].items():
+        assert runs["true"]["losses"][step] == pytest.approx(loss, rel=1e-4), step
+    assert runs["true"]["best"]["accuracy"] == runs["false"]["best"]["accuracy"]
+
+
 @pytest.mark.slow
 def test_classification_bert_spam_mails_from_the_archive_layout(data, bert, tmp_path):
     directory = spam_dir(data, tmp_path / "spam", per_class=12)

@@ -6,16 +6,19 @@ BERT batch (keys are the model's keyword arguments), every array (B, T) int64 un
   ``attention_mask``  1 for real tokens, 0 for padding
   ``mlm_labels``      the original id where a prediction is made, -100 elsewhere
   ``nsp_labels``      (B,) 1 when B is a random other document's text (is_random_next)
+Packed (``data.packing``): the same batch laid into fewer rows, plus ``position_ids``, ``sequence_ids``,
+``cls_index`` and ``cu_seqlens`` (``packing.py``); ``nsp_labels`` stays one per pair.
 GPT batch: ``input_ids`` = ids[:-1], ``labels`` = ids[1:] (both (B, seq_len)), ``attention_mask`` all ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pipeline.data.masking import IGNORE_INDEX, MaskingRule, mask_batch
+from pipeline.data.packing import pack_batch
 from pipeline.data.reader import Sample
 
 PAD_MULTIPLE = 8  # pad_to=batch: lengths rounded up to a multiple of 8 (tensor cores; fewer distinct shapes)
@@ -28,10 +31,14 @@ class BertCollator:
     pad_id: int
     sep_id: int
     masking: MaskingRule | None  # None: the shards carry static masks
+    packing: bool = False  # lay the masked pairs into as few rows as fit them (packing.py)
 
     def __call__(self, samples: list[Sample], rng: np.random.Generator) -> dict[str, np.ndarray]:
         B = len(samples)
         lengths = np.fromiter((len(s.ids) - 1 for s in samples), dtype=np.int64, count=B)
+        if self.packing:  # the unpacked batch first (same masks: they do not depend on T), then its layout
+            batch = replace(self, packing=False, pad_to="seq_len")(samples, rng)
+            return pack_batch(batch, self.seq_len, self.pad_values, self.pad_to)
         if self.pad_to == "seq_len":
             T = self.seq_len
         else:
@@ -55,6 +62,11 @@ class BertCollator:
             "mlm_labels": labels,
             "nsp_labels": nsp,
         }
+
+    @property
+    def pad_values(self) -> dict[str, int]:
+        """The per-token keys and their padding values."""
+        return {"input_ids": self.pad_id, "token_type_ids": 0, "attention_mask": 0, "mlm_labels": IGNORE_INDEX}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,12 @@ class DataConfig:
         "BERT: pad every batch to the manifest's seq_len (fixed shapes: CUDA graphs, torch.compile) or to the "
         "longest sample of the batch rounded up to a multiple of 8",
     )
+    packing: bool = option(
+        False,
+        "BERT: lay each micro-batch's pairs into as few rows of seq_len as fit them (first-fit decreasing), "
+        "attention kept within each pair; the micro-batch still counts pairs, so the recipe is unchanged and "
+        "only the rows computed shrink (worth it when pairs are much shorter than seq_len: README)",
+    )
     verify_shards: Literal["none", "size", "sha256"] = option(
         "size", "check at start that every shard exists with the manifest's size (sha256: also re-hash it)"
     )

@@ -290,6 +290,8 @@ class PretrainLoader:
     def _collator(self):
         shards, cfg = self.shard_set, self.cfg
         if shards.objective == "gpt":
+            if cfg.packing:
+                raise UserError("data.packing is for BERT pairs; GPT blocks are packed already (no padding)")
             return GptCollator(shards.seq_len)
         special_ids = shards.special_ids
         masking = None
@@ -314,6 +316,7 @@ class PretrainLoader:
             pad_id=special_ids["pad"],
             sep_id=special_ids["sep"],
             masking=masking,
+            packing=cfg.packing,
         )
 
     def _word_start(self) -> np.ndarray:

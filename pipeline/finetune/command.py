@@ -53,7 +53,7 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
     from pipeline.export.source import open_pretrained
     from pipeline.finetune.data import prepare
     from pipeline.finetune.report import write_report
-    from pipeline.finetune.task import EVAL_DIR, FinetuneTask, write_json
+    from pipeline.finetune.task import EVAL_DIR, FinetuneTask, check_packing, write_json
     from pipeline.train.checkpoint import find_checkpoint
     from pipeline.train.command import preflight
     from pipeline.train.engine import init_distributed
@@ -84,6 +84,8 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
             f"task.max_seq_len {cfg.task.max_seq_len} exceeds the model's {model_cfg.max_position_embeddings} "
             "positions; longer examples are truncated (or strided) to task.max_seq_len, so lower it"
         )
+    if cfg.finetune.packing:
+        check_packing(cfg, model_cfg.arch)
     prepared = prepare(cfg, tokenizer, model_cfg.arch)
     accumulation = check_batch_config(cfg.train, world)
     batches_per_epoch = -(-len(prepared.train_features) // (cfg.train.micro_batch_size * world))

@@ -153,6 +153,12 @@ class FinetuneConfig:
     aux_lm_weight: float = option(
         0.0, "GPT-1: weight of the auxiliary language-modelling loss on the fine-tuning inputs (paper: 0.5)"
     )
+    packing: bool = option(
+        False,
+        "BERT sentence / pair classification: lay each micro-batch's examples into as few rows of "
+        "task.max_seq_len as fit them, attention kept within each example (same losses, fewer rows computed; "
+        "README: when to turn it on)",
+    )
     eval_every: int = option(0, "evaluate on the dev set every N steps (0: once per epoch) and at the end")
     eval_batch_size: int = option(64, "examples (SQuAD: windows) per evaluation batch on one rank")
     metric: str = option("", "dev metric that selects the best checkpoint (default: accuracy; squad: f1 / best_f1)")

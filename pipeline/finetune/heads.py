@@ -77,7 +77,17 @@ class FinetuneModel(nn.Module):
         summary_index: Tensor | None = None,
         choice_mask: Tensor | None = None,
         lm_labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None,
+        cls_index: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int = 0,
     ) -> FinetuneOutput:
+        """Packed rows (``finetune.packing``, classification): ``position_ids``, ``sequence_ids`` and
+        ``cu_seqlens`` (R, T) as in pre-training, and ``cls_index`` (N,) each example's flat [CLS] position;
+        the logits are then (N, C), one row per example."""
+        if cls_index is not None and (self.pooler is None or self.head_kind != "classify"):
+            raise ValueError("packed inputs need a classification head on the pooled [CLS] (BERT, summary)")
         shape = input_ids.shape  # (B, T), or (B, K, T) for choices
         flat = lambda t: None if t is None else t.reshape(-1, t.size(-1))  # noqa: E731
         if self.head_kind == "choice":
@@ -85,7 +95,9 @@ class FinetuneModel(nn.Module):
                 flat, (input_ids, token_type_ids, attention_mask, lm_labels)
             )
             summary_index = None if summary_index is None else summary_index.reshape(-1)
-        hidden = self.transformer(input_ids, token_type_ids, attention_mask)  # (N, T, H)
+        hidden = self.transformer(
+            input_ids, token_type_ids, attention_mask, position_ids, sequence_ids, cu_seqlens, max_seqlen
+        )  # (N, T, H)
 
         if self.head_kind == "span":
             logits = self.head(self.dropout(hidden))  # (B, T, 2)
@@ -95,7 +107,7 @@ class FinetuneModel(nn.Module):
             if self.pooling == "mean":
                 summary = masked_mean(hidden, attention_mask)  # (N, H)
             elif self.pooler is not None:
-                summary = self.pooler(hidden)  # (N, H): tanh(dense(h[CLS]))
+                summary = self.pooler(hidden, cls_index)  # (N, H): tanh(dense(h[CLS]))
             else:
                 rows = torch.arange(hidden.size(0), device=hidden.device)
                 summary = hidden[rows, summary_index]  # (N, H): the extract token's state

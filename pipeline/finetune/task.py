@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.data.packing import PACKED_KEYS, max_seqlen, pack_batch
 from pipeline.errors import UserError
 from pipeline.finetune.config import FinetuneJobConfig
 from pipeline.finetune.data import Prepared
@@ -47,6 +48,24 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_json_safe(data), indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def check_packing(cfg: FinetuneJobConfig, arch: str) -> None:
+    """``finetune.packing`` is for what it is exact for: BERT, one label per text or pair, the pooled [CLS]."""
+    if arch != "bert" or cfg.task.kind not in ("classification", "pair_classification"):
+        raise UserError(
+            f"finetune.packing: for BERT sentence and pair classification only (here: {arch}, {cfg.task.kind})"
+        )
+    if cfg.finetune.pooling != "summary":
+        raise UserError("finetune.packing: reads each example's own [CLS]; use finetune.pooling summary")
+
+
+def pack_features(batch: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
+    """A classification batch in the packed layout (``pipeline/data/packing.py``): the same examples in
+    fewer rows; ``summary_index`` becomes each example's flat [CLS] position (``cls_index``)."""
+    arrays = {k: v.numpy() for k, v in batch.items() if k != "summary_index"}
+    packed = pack_batch(arrays, seq_len, {"input_ids": 0, "token_type_ids": 0, "attention_mask": 0}, pad_to="batch")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in packed.items()}
 
 
 class FinetuneTask:
@@ -122,15 +141,18 @@ class FinetuneTask:
     def batches(self, epoch: int, start_batch: int, history: list[dict] = ()) -> Iterator[dict]:
         order = self.epoch_order(epoch, history)
         for b in range(start_batch, len(order) // self.micro):
-            yield self.problem.collate(
+            batch = self.problem.collate(
                 [self.data.train_features[i] for i in order[b * self.micro : (b + 1) * self.micro]]
             )
+            yield pack_features(batch, self.cfg.task.max_seq_len) if self.cfg.finetune.packing else batch
 
     def _model_inputs(self, batch: dict, lm_labels: bool = False) -> tuple[dict, int]:
         """The model's keyword arguments on the device, and the batch's real tokens (counted on the host)."""
         tokens, padded = host_padding(batch["attention_mask"])
-        keys = ("input_ids", "token_type_ids", "attention_mask", "summary_index", "choice_mask")
+        keys = ("input_ids", "token_type_ids", "attention_mask", "summary_index", "choice_mask", *PACKED_KEYS)
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
+        if "cu_seqlens" in batch:  # packed (finetune.packing): the varlen kernel's longest run, from the host
+            inputs["max_seqlen"] = max_seqlen(batch["cu_seqlens"].numpy())
         if self.model_cfg.arch == "gpt":
             inputs.pop("token_type_ids", None)  # GPT-1 has no segment embeddings
         if lm_labels:
@@ -147,7 +169,8 @@ class FinetuneTask:
         if self.aux_lm:
             loss = loss + self.aux_lm * output.lm.loss
             sums.update(lm_loss_sum=output.lm.loss.detach() * output.lm.count, lm_count=output.lm.count)
-        return StepOutput(loss=loss, sums=sums, tokens=tokens)
+        samples = len(batch["labels"]) if "cls_index" in batch else None  # packed: examples, not rows
+        return StepOutput(loss=loss, sums=sums, tokens=tokens, samples=samples)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         out = self.problem.train_metrics(sums)

@@ -21,8 +21,11 @@ class Pooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))  # (B, H)
+    def forward(self, hidden: Tensor, cls_index: Tensor | None = None) -> Tensor:
+        """(B, T, H) -> (B, H) from each row's first token; packed rows: (N, H) at the flat indices
+        ``cls_index`` (N,) into the B*T positions, one per sequence."""
+        cls = hidden[:, 0] if cls_index is None else hidden.flatten(0, 1)[cls_index]
+        return torch.tanh(self.dense(cls))
 
 
 class MLMTransform(nn.Module):
@@ -50,7 +53,7 @@ class BertPretrainOutput:
     nsp_loss: Tensor | None
     mlm_logits: Tensor | None  # (B, T, V) without mlm_labels; (N, V) at the N labelled positions with them
     # (None when the loss is computed in chunks, see ModelConfig.loss_chunk_size)
-    nsp_logits: Tensor  # (B, 2): 0 = B follows A, 1 = B is random (Hugging Face's convention)
+    nsp_logits: Tensor  # (B, 2), or (N, 2) for N packed pairs: 0 = B follows A, 1 = B is random (HF's convention)
     mlm_correct: Tensor | None = None
     mlm_count: Tensor | None = None
     nsp_correct: Tensor | None = None
@@ -64,6 +67,11 @@ class BertForPretraining(nn.Module):
     vocabulary projection runs only at those positions. The decoder is tied to the input embedding.
     ``max_predictions``: the most masked positions of any row, if the caller knows it from the host copy of
     the batch, so that gathering them needs no device-to-host sync (see ``token_cross_entropy``).
+
+    Packed batches (several pairs per row, ``pipeline/data/packing.py``) add ``position_ids`` and
+    ``sequence_ids`` (B, T) and ``cls_index`` (N,), the flat position of each pair's [CLS]: NSP is predicted
+    from each pair's own [CLS] and averaged over the N pairs (``nsp_labels`` (N,)), attention never crosses
+    pairs, and each pair's MLM and NSP losses are those of the same pair unpacked.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -92,9 +100,16 @@ class BertForPretraining(nn.Module):
         mlm_labels: Tensor | None = None,
         nsp_labels: Tensor | None = None,
         max_predictions: int | None = None,
+        position_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None,
+        cls_index: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int = 0,
     ) -> BertPretrainOutput:
-        hidden = self.transformer(input_ids, token_type_ids, attention_mask)  # (B, T, H)
-        nsp_logits = self.nsp_head(self.pooler(hidden))  # (B, 2)
+        hidden = self.transformer(
+            input_ids, token_type_ids, attention_mask, position_ids, sequence_ids, cu_seqlens, max_seqlen
+        )  # (B, T, H)
+        nsp_logits = self.nsp_head(self.pooler(hidden, cls_index))  # (B, 2), packed: (N, 2)
         V = self.cfg.vocab_size
 
         mlm_loss = mlm_correct = mlm_count = None

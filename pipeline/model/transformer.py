@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.model import fused
+from pipeline.model.attention import PackedLayout, packed_attention
 from pipeline.model.config import ModelConfig
 
 _GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -41,11 +42,15 @@ class Embeddings(nn.Module):
     def _has_norm(cfg: ModelConfig) -> bool:
         return cfg.arch == "bert" and not cfg.pre_layernorm
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
         seq_len, max_len = input_ids.size(1), self.cfg.max_position_embeddings
         if seq_len > max_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings {max_len}")
-        x = self.word(input_ids) + self.position.weight[:seq_len]  # (B, T, H)
+        # Packed rows hold several sequences, each counting its positions from 0 (position_ids (B, T)).
+        positions = self.position.weight[:seq_len] if position_ids is None else self.position(position_ids)
+        x = self.word(input_ids) + positions  # (B, T, H)
         if self.token_type is not None:
             # No segment ids means every token is segment 0: add that row instead of looking up zeros.
             x = x + (self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids))
@@ -67,14 +72,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # one GEMM for q, k and v
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | PackedLayout | None, is_causal: bool) -> Tensor:
         B, T, H = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(mask, PackedLayout):  # several sequences per row
+            y = packed_attention(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+            return y.transpose(1, 2).reshape(B, T, H)
         # A boolean mask (True = attend) rather than an additive one: no -inf/finfo.min arithmetic to overflow
         # in fp16, and the kernels skip masked blocks.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
         )  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H), before the output projection
 
@@ -115,6 +124,11 @@ class TransformerBody(nn.Module):
     This is what fine-tuning heads build on. ``attention_mask`` is (B, T) with 1 for real tokens and 0 for
     padding; padded keys are never attended to (padded queries still produce, meaningless, outputs). Pass
     None for a batch without padding: a mask of all ones gives the same outputs through a slower kernel.
+
+    Packed rows (several sequences per row, ``pipeline/data/packing.py``) give ``sequence_ids`` (B, T) instead:
+    1, 2, ... per sequence of a row, 0 on padding; attention then stays within each sequence, and
+    ``position_ids`` (B, T) restart at each sequence. ``cu_seqlens`` and ``max_seqlen`` (from the loader's host
+    copy) let a GPU run the variable-length kernel (``attention.py``). BERT only: a causal model is not packed.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -139,10 +153,22 @@ class TransformerBody(nn.Module):
         return keys & causal, False  # (B, 1, T, T)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int = 0,
     ) -> Tensor:
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        mask, is_causal = self.attention_mask(attention_mask, input_ids.size(1))
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        if sequence_ids is not None:
+            if self.causal:
+                raise ValueError("packed sequences (sequence_ids) are for BERT; a causal model is not packed")
+            mask, is_causal = PackedLayout.from_sequence_ids(sequence_ids, cu_seqlens, max_seqlen), False
+        else:
+            mask, is_causal = self.attention_mask(attention_mask, input_ids.size(1))
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
             if recompute:

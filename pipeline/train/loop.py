@@ -41,6 +41,7 @@ class StepOutput:
     loss: torch.Tensor
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"mlm_loss": ..., "mlm_correct": ...}
     tokens: int = 0  # real (non-padding) tokens of this micro-batch, counted on the host (throughput, MFU)
+    samples: int | None = None  # sequences of this micro-batch when they are not its rows (packed batches)
 
 
 # Batches come from the loaders on the CPU. What the step needs to know about a batch's shape (real tokens,
@@ -197,7 +198,8 @@ def run_training(
                 output = task.forward(engine, batch)
                 engine.backward(output.loss)
                 engine.step()  # DeepSpeed updates the weights after the last micro-batch of the step
-                sums.add(output.loss, output.sums, output.tokens, len(next(iter(batch.values()))))
+                samples = output.samples if output.samples is not None else len(next(iter(batch.values())))
+                sums.add(output.loss, output.sums, output.tokens, samples)
             state.step += 1
             step = sums.finish_step(save_by_time=saves.due_by_time(), stop=stop.requested)  # the step's one sync
 

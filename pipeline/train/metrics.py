@@ -163,6 +163,7 @@ class MetricsLog:
             record.update(
                 grad_norm=float(grad_norm) if grad_norm is not None else None,
                 tokens_per_s=(state.tokens - tokens0) / elapsed,  # all ranks together
+                tokens_seen=state.tokens,  # real (non-padding) tokens so far: the x axis of packed vs unpacked
                 samples_per_s=(state.samples - samples0) / elapsed,
                 skipped_nonfinite=state.skipped_nonfinite,
                 skipped_overflow=state.skipped_overflow,

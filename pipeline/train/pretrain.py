@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.data.loader import PretrainLoader
+from pipeline.data.packing import PACKED_KEYS, max_seqlen
 from pipeline.data.shards import ShardSet
 from pipeline.errors import UserError
 from pipeline.model.builder import build_model
@@ -52,9 +53,14 @@ class PretrainTask:
         # What shapes the step (padding, labelled positions) is read from the host copy: no device sync.
         tokens, padded = host_padding(batch["attention_mask"])
         max_labels = host_max_labels(batch["mlm_labels" if self.objective == "bert" else "labels"])
+        packed = {}
+        if "sequence_ids" in batch:  # several pairs per row (data.packing): the varlen kernel's longest run
+            packed["max_seqlen"] = max_seqlen(batch["cu_seqlens"].numpy())
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         attention_mask = batch["attention_mask"] if padded else None  # None: SDPA may use its fastest kernel
         if self.objective == "bert":
+            if packed:
+                packed.update({k: batch[k] for k in PACKED_KEYS})
             out = model(
                 batch["input_ids"],
                 token_type_ids=batch["token_type_ids"],
@@ -62,6 +68,7 @@ class PretrainTask:
                 mlm_labels=batch["mlm_labels"],
                 nsp_labels=batch["nsp_labels"],
                 max_predictions=max_labels,
+                **packed,
             )
             sums = {
                 "mlm_loss_sum": out.mlm_loss.detach() * out.mlm_count,
@@ -77,7 +84,7 @@ class PretrainTask:
                         max_labels_per_row=max_labels)  # fmt: skip
             sums = {"lm_loss_sum": out.loss.detach() * out.count, "lm_correct": out.correct, "lm_count": out.count}
             loss = out.loss
-        return StepOutput(loss=loss, sums=sums, tokens=tokens)
+        return StepOutput(loss=loss, sums=sums, tokens=tokens, samples=len(batch["nsp_labels"]) if packed else None)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         def ratio(a: str, b: str) -> float | None:
