@@ -7,6 +7,7 @@ without importing torch or DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -31,6 +32,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose errors are one line with a pointer to ``--help``, not the 60-line usage of every
+    config field first; an unknown option comes with the closest real one."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(self.unknown_message(unknown))
+        return parsed
+
+    def unknown_message(self, unknown: list[str]) -> str:
+        options = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+        if not flags:
+            return f"unrecognized arguments: {' '.join(unknown)}"
+        parts = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag, options, n=1)
+            parts.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+        return f"unrecognized option{'s' if len(flags) > 1 else ''}: {', '.join(parts)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parser.error(f"unknown command {name!r}{hint}; choose from {', '.join(COMMANDS)}")
     module_name, summary = COMMANDS[name]
     module = importlib.import_module(module_name)
-    cmd_parser = argparse.ArgumentParser(
+    cmd_parser = _CommandParser(
         prog=f"python -m pipeline {name}",
         description=(module.__doc__ or summary).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -117,3 +117,19 @@ def test_deepspeed_configs_are_json_with_a_zero_section(path):
     import json
 
     assert "zero_optimization" in json.loads(path.read_text())
+
+
+def test_a_mistyped_option_is_one_line_with_the_closest_real_one():
+    from conftest import run_cli_in_process
+
+    proc = run_cli_in_process("train", "--config", "configs/pretrain/debug.yaml", "--data.shardz", "x",
+                              "--trian.max_steps=3", check=False)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "python -m pipeline train: error: unrecognized options: --data.shardz (did you mean --data.shards?), "
+        "--trian.max_steps (did you mean --train.max_steps?) (--help lists the options)"
+    ]
+    proc = run_cli_in_process("shard", "--wrkers", "2", check=False)
+    assert proc.returncode == 2 and "did you mean --workers?" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = run_cli_in_process("trian", check=False)
+    assert proc.returncode == 2 and "did you mean 'train'?" in proc.stderr

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import REPO, run_cli, run_cli_in_process
-from train_helpers import build_shards, kill_group, losses, start_train, train_args, wait_for
+from train_helpers import build_shards, kill_group, losses, records, start_train, train_args, wait_for
 
 GOLDEN = REPO / "tests" / "golden" / "debug_bert_losses.json"
 STEPS = 16
@@ -77,21 +80,34 @@ def test_golden_loss_curve(reference_run):
     assert sum(list(golden.values())[-4:]) / 4 < uniform - 0.8
 
 
-def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_path, process_group):
+def test_killed_run_resumes_to_the_same_losses_and_logs_each_step_once(reference_run, bert_shards, tmp_path,
+                                                                       process_group):  # fmt: skip
+    """kill -9 of the whole job two steps past a log step and five past its last checkpoint: the resumed run
+    takes steps 9-16 again, and metrics.jsonl and MLflow still hold each step once."""
     ref, _ = reference_run
     out = tmp_path / "killed"
-    args = train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "4")
+    args = train_args(bert_shards, out, "--train.max_steps", str(STEPS), "--checkpoint.every_steps", "8")
     proc = start_train(args, tmp_path / "first.log")
     wait_for(out / "checkpoints" / "step_00000008" / "checkpoint.json", proc)
+    while max([r["step"] for r in records(out)], default=0) < 11:  # MLflow has step 10 (log_every 5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.02)
     kill_group(proc)
     before = losses(out)
-    assert 8 <= max(before) < STEPS, "the run must have been killed part-way"
+    assert 11 <= max(before) < STEPS, "the run must have been killed part-way"
     first_run_id = json.loads((out / "checkpoints" / "step_00000008" / "checkpoint.json").read_text())["mlflow_run_id"]
     resumed = run_cli_in_process(*args, env=process_group.env)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["step"] == STEPS
+    assert [r["step"] for r in records(out)] == list(range(1, STEPS + 1))  # each step once, in order
     assert losses(out) == losses(ref)  # exact, not approximate: same data, masks, dropout and optimizer state
     assert summary["mlflow_run_id"] == first_run_id  # the same MLflow run continues
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    history = client.get_metric_history(first_run_id, "loss")
+    assert sorted(m.step for m in history) == [5, 10, 15, 16]
+    assert {m.step: m.value for m in history} == {step: losses(ref)[step] for step in (5, 10, 15, 16)}
 
 
 def test_configs_that_cannot_work_fail_before_training(bert_shards, small_tokenizer, tmp_path):
@@ -108,6 +124,65 @@ def test_configs_that_cannot_work_fail_before_training(bert_shards, small_tokeni
         assert message in proc.stderr, (message, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "never" / "checkpoints").exists()
+
+
+def test_user_errors_are_one_line_before_deepspeed_is_imported(bert_shards, tmp_path):
+    """Wrong paths fail in seconds with exit 2 and one line, before DeepSpeed (and its start-up) is imported."""
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--data.shards", str(tmp_path / "missing")], "no such shard directory"),
+        (["--data.shards", str(tmp_path / "a_file")], "is a file, not a shard directory"),
+        (["--data.shards", str(bert_shards / "manifest.json")], f"give its directory, {bert_shards}"),
+        (["--data.shards", str(bert_shards), "--train.output_dir", str(tmp_path / "a_file" / "run")],
+         "cannot create it"),
+        (["--data.shards", str(bert_shards), "--deepspeed.config", str(tmp_path / "zero9.json")], "not found"),
+        (["--data.shards", str(bert_shards), "--train.output_dir", str(tmp_path / "run"), "--checkpoint.resume",
+          str(tmp_path / "nowhere")], "no published checkpoint"),
+    ]  # fmt: skip
+    script = """if True:
+        import contextlib, io, json, sys, time
+        from pipeline.cli import main
+        results = []
+        for extra in json.loads(sys.argv[1]):
+            start, err = time.time(), io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(["train", "--config", "configs/pretrain/debug.yaml", *extra])
+            results.append({"code": code, "stderr": err.getvalue(), "seconds": time.time() - start})
+        print(json.dumps({"results": results, "deepspeed_imported": "deepspeed" in sys.modules}))
+    """
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([extra for extra, _ in cases])], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (extra, message), result in zip(cases, out["results"], strict=True):
+        assert result["code"] == 2, (extra, result)
+        lines = result["stderr"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (extra, result)
+        assert result["seconds"] < 30, result  # the first case imports torch; DeepSpeed's start-up was 40-120 s
+    assert not out["deepspeed_imported"]
+
+
+def test_deepspeed_builds_nothing_on_a_cpu_start(process_group):
+    """DeepSpeed's CPU backend JIT-built its shm all-reduce op when it started (40-120 s with a cold extensions
+    cache, a lock left behind by a killed build): the process group of this session was made without it."""
+    import deepspeed.comm.comm as ds_comm
+
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+
+
+@pytest.mark.slow
+def test_a_cold_start_compiles_nothing_and_stdout_is_the_summary(bert_shards, tmp_path):
+    """A training start with an empty torch extensions cache reaches its steps without building anything into
+    it, and its stdout is the JSON summary alone (DeepSpeed's "... built successfully" went there)."""
+    extensions = tmp_path / "torch_extensions"
+    start = time.time()
+    proc = run_cli(*train_args(bert_shards, tmp_path / "run", "--train.max_steps", "1"),
+                   env={"TORCH_EXTENSIONS_DIR": str(extensions)})  # fmt: skip
+    seconds = time.time() - start
+    assert not extensions.exists() or not any(extensions.iterdir()), list(extensions.rglob("*"))
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 1, proc.stdout
+    assert seconds < 120, seconds
 
 
 @pytest.mark.slow

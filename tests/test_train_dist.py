@@ -49,28 +49,42 @@ def test_two_ranks_with_zero2_match_one_process(shards, tmp_path):
     assert a[8] < a[1]
 
 
-def test_resume_on_another_world_size_keeps_the_data_position(shards, tmp_path):
+def test_resume_on_another_world_size_keeps_the_data_position_and_logs_each_step_once(shards, tmp_path):
+    """Two ranks to step 6 (checkpoints at 3 and 6), then on in two copies of the run: on two ranks from step 6,
+    and on one rank from step 3 (step 6's checkpoint removed: as if the job had died after logging steps 4-6),
+    through a universal checkpoint. The one-rank run repeats steps 4-10 as two ranks took them, and its
+    metrics.jsonl and MLflow run hold each step once."""
+    tracked = ["--tracking.enabled", "true", "--tracking.system_metrics", "false", "--train.log_every", "2"]
     first = tmp_path / "first"
-    run(train_args(shards, first, *COMMON, "--train.max_steps", "6", "--data.num_workers", "1"),
+    run(train_args(shards, first, *COMMON, *tracked, "--train.max_steps", "6", "--data.num_workers", "1"),
         tmp_path / "first.log", 2)  # fmt: skip
     same, fewer = tmp_path / "same", tmp_path / "fewer"
     shutil.copytree(first, same)
     shutil.copytree(first, fewer)
+    shutil.rmtree(fewer / "checkpoints" / "step_00000006")
     run(
         train_args(shards, same, *COMMON, "--train.max_steps", "10", "--data.num_workers", "1"),
         tmp_path / "same.log",
         2,
     )
     run(
-        train_args(shards, fewer, *COMMON, "--train.max_steps", "10", "--data.num_workers", "2"), tmp_path / "fewer.log"
+        train_args(shards, fewer, *COMMON, *tracked, "--train.max_steps", "10", "--data.num_workers", "2"),
+        tmp_path / "fewer.log",
     )
     assert "universal" in (tmp_path / "fewer.log").read_text()
     a, b = losses(same), losses(fewer)
-    # Steps 7-10 on one rank (from the universal checkpoint) continue exactly where two ranks would have.
-    for step in range(7, 11):
+    # Steps 4-10 on one rank (from the universal checkpoint) continue exactly where two ranks would have.
+    for step in range(4, 11):
         assert b[step] == pytest.approx(a[step], rel=2e-4), (step, a[step], b[step])
     summary = json.loads((tmp_path / "fewer.log").read_text().strip().splitlines()[-1])
     assert summary["step"] == 10 and summary["samples"] == 160
+    steps = [json.loads(line)["step"] for line in (fewer / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{fewer / 'mlflow.db'}")
+    history = client.get_metric_history(summary["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10]
 
 
 def test_zero3_with_every_parameter_partitioned_matches_zero1(shards, tmp_path):

@@ -62,12 +62,40 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` (a ``start_train`` process's pid) is still alive."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for_handler(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Until ``proc`` catches ``sig`` (its ``SigCgt`` mask in /proc): the command's handlers are installed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"exited (rc {proc.returncode}) before installing its signal handlers"
+        with open(f"/proc/{proc.pid}/status", encoding="ascii") as fh:
+            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no handler for signal {sig} within {timeout} s")
+
+
+def records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    with open(run_dir / name, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def train_in_process(shards: Path, out: Path, overrides: dict, dist_info, task_factory=None,
-                     config: str = "configs/pretrain/debug.yaml") -> dict:  # fmt: skip
+                     config: str = "configs/pretrain/debug.yaml", stop=None) -> dict:  # fmt: skip
     """``pipeline train`` inside the test process (no interpreter, import or process-group start-up;
     ``dist_info`` is the ``process_group`` fixture):
     the config with ``overrides`` (``{"train.max_steps": 4}``), a ``PretrainTask`` (or
-    ``task_factory(model_cfg, loader, shard_set, device)``), and the loop's result."""
+    ``task_factory(model_cfg, loader, shard_set, device)``), and the loop's result. ``stop``: the loop's
+    ``StopFlags`` (default: its own)."""
     import torch
 
     from pipeline.config import build_config
@@ -89,7 +117,7 @@ def train_in_process(shards: Path, out: Path, overrides: dict, dist_info, task_f
     with mock.patch.dict(os.environ, dist_info.env):  # DeepSpeed reads LOCAL_RANK and friends from there
         return run_training(task, dist_info, train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
                             checkpoint=cfg.checkpoint, tracking=cfg.tracking, deepspeed_json=ds_json,
-                            full_config=cfg)  # fmt: skip
+                            full_config=cfg, stop=stop)  # fmt: skip
 
 
 aten = torch.ops.aten

@@ -21,7 +21,9 @@ samples turn out unreadable, so collective operations never wait on a rank that 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing.util  # noqa: F401 - registers its exit hook now, before ours (below)
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -38,9 +40,26 @@ from pipeline.data.plan import EpochPlan, EpochRest
 from pipeline.data.reader import SampleDecoder
 from pipeline.data.shards import ShardSet, check_tokenizer, open_shard_set
 from pipeline.errors import UserError
+from pipeline.signals import ignore_stop_signals, stop_signals_blocked
 from pipeline.tokenizer.spm import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Workers of iterations not yet shut down. They ignore the stop signals (``ignore_stop_signals``), so
+# multiprocessing's exit hook, which ends children with SIGTERM and then joins them, would wait for them forever
+# if an iteration were never closed: they are killed just before it runs (exit hooks run last-registered first).
+_open_workers: set = set()
+
+
+def _kill_open_workers() -> None:
+    for proc in list(_open_workers):
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    _open_workers.clear()
+
+
+atexit.register(_kill_open_workers)
 
 LAYOUT_SLOTS = ("world_size", "workers_per_rank", "micro_batch_size")  # what may change within an epoch
 
@@ -168,13 +187,19 @@ class PretrainLoader:
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             pin_memory=self.pin_memory,
+            # The job's SIGTERM / SIGUSR1 / SIGINT reach the workers too (SLURM signals every process of a job
+            # step, a terminal its foreground group): they must outlive it until the rank has checkpointed.
+            worker_init_fn=ignore_stop_signals,
             # Its own generator: starting workers must not draw from the global torch RNG, or a resumed run's
             # dropout stream would differ from the uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         W = self.workers_per_rank
         index = start_batch
-        batches = iter(loader)
+        with stop_signals_blocked():  # until each worker has run ignore_stop_signals
+            batches = iter(loader)
+        workers = list(getattr(batches, "_workers", ()))  # the processes just started (none without workers)
+        _open_workers.update(workers)
         try:
             for batch, meta in batches:
                 expected_slot = self.rank * W + index % W
@@ -195,10 +220,16 @@ class PretrainLoader:
         finally:
             # Stop the workers now. The traceback of an error raised in a worker holds the iterator; collected
             # later in a reference cycle, after its queues, torch would wait 5 s for each worker that never
-            # receives its stop signal.
+            # receives its stop signal. Nothing else ends them (they ignore the stop signals): whoever stops
+            # iterating early closes this generator (``close()``), as the training loop does.
             shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean-up, absent without workers
             if shutdown is not None:
                 shutdown()
+            for proc in workers:  # one that did not take its stop message in time: torch's terminate() is ignored
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(timeout=5)
+            _open_workers.difference_update(workers)
         if index != num_batches:
             raise RuntimeError(f"epoch {epoch} ended after {index} of {num_batches} batches on rank {self.rank}")
 

@@ -45,8 +45,11 @@ def _file_info(path: str) -> dict | None:
     return {"path": path, **file_record(path)} if Path(path).is_file() else None
 
 
-def finetune(cfg: FinetuneJobConfig) -> dict:
-    """Run the job; returns the report (rank 0) or the loop's result (other ranks)."""
+def finetune(cfg: FinetuneJobConfig, stop=None) -> dict:
+    """Run the job; returns the report (rank 0) or the loop's result (other ranks).
+
+    ``stop``: the command's stop-signal handlers (``StopFlags``), installed when it started.
+    """
     import torch
     import torch.distributed as dist
 
@@ -54,10 +57,11 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
     from pipeline.finetune.data import prepare
     from pipeline.finetune.report import write_report
     from pipeline.finetune.task import EVAL_DIR, FinetuneTask, check_packing, write_json
-    from pipeline.train.checkpoint import find_checkpoint
-    from pipeline.train.command import preflight
+    from pipeline.train.checkpoint import find_checkpoint, read_mark
+    from pipeline.train.command import check_paths, preflight
     from pipeline.train.engine import init_distributed
     from pipeline.train.loop import check_batch_config, run_training
+    from pipeline.train.metrics import truncate_records
 
     # ---- everything that can be wrong is checked before any process group or weights exist
     if not cfg.init.checkpoint:
@@ -66,6 +70,7 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
         raise UserError("data.train.path: a training file is required")
     world = int(os.environ.get("WORLD_SIZE", 1))
     preflight(cfg, world_size=world, cuda=torch.cuda.is_available())
+    check_paths(cfg)
     if cfg.registry.name and not cfg.tracking.enabled:
         raise UserError("--register: the model is logged to the fine-tuning's MLflow run; tracking.enabled is false")
     if cfg.registry.name and cfg.tracking.tracking_uri:  # the store answers before hours of training
@@ -114,8 +119,11 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
         }
         if info.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            if find_checkpoint(cfg.checkpoint.resume, out) is None:
+            resume = find_checkpoint(cfg.checkpoint.resume, out)
+            if resume is None:
                 shutil.rmtree(out / EVAL_DIR, ignore_errors=True)  # scores of an attempt that left no checkpoint
+            else:  # scores of the steps after that checkpoint are taken again: each step's once
+                truncate_records(out / EVAL_DIR / "history.jsonl", read_mark(resume)["step"])
             write_json(out / "lineage.json", lineage)
         if dist.is_initialized():
             dist.barrier()
@@ -130,6 +138,7 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
             eval_every=eval_every, eval_metric=f"eval_{task.metric}", eval_higher_is_better=True,
             extra_tags={"parent_run_id": parent, "init_checkpoint": str(source.path), "init_weights": cfg.init.weights,
                         "task_kind": cfg.task.kind, "arch": model_cfg.arch, **_registry_tags(cfg, registered)},
+            stop=stop,
         )  # fmt: skip
         if info.rank != 0:
             return result
@@ -146,10 +155,13 @@ def finetune(cfg: FinetuneJobConfig) -> dict:
             "data": prepared.report,
             "mlflow_run_id": result["mlflow_run_id"],
             "best_checkpoint": _best_checkpoint(out),
+            "stopped_by_signal": result["stopped_by_signal"],  # pre-empted: the same command continues it
         }
         report, files = write_report(out, summary)
         _log_files(cfg, out, result["mlflow_run_id"], [*files, out / EVAL_DIR / "best.json"])
-        if cfg.registry.name:
+        if cfg.registry.name and result["stopped_by_signal"]:
+            log.warning("not registered: the run stopped at step %d of %d", result["step"], cfg.train.max_steps)
+        elif cfg.registry.name:
             report["registered"] = _register(cfg, out, model_cfg, prepared.problem, tokenizer, report, source)
             write_json(out / "report.json", report)
         return report
@@ -213,10 +225,19 @@ def _log_files(cfg: FinetuneJobConfig, out: Path, run_id: str | None, files: lis
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(FinetuneJobConfig, args)
-    report = finetune(cfg)
+    from pipeline.console import library_output_to_stderr
+    from pipeline.train.policy import StopFlags
+
+    stop = StopFlags().install()  # first: a stop signal during start-up is remembered, not fatal
+    try:
+        cfg = config_from_args(FinetuneJobConfig, args)
+        with library_output_to_stderr():
+            report = finetune(cfg, stop)
+    finally:
+        stop.uninstall()
     if "best" in report:
-        keep = ("task", "arch", "init", "steps", "best", "final", "best_checkpoint", "mlflow_run_id", "registered")
+        keep = ("task", "arch", "init", "steps", "best", "final", "best_checkpoint", "mlflow_run_id", "registered",
+                "stopped_by_signal")  # fmt: skip
         brief = {k: report[k] for k in keep if k in report}
         brief["best"] = {k: v for k, v in report["best"].items() if k not in ("confusion", "labels")}
         print(json.dumps(brief))

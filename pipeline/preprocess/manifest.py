@@ -133,6 +133,11 @@ def write_manifest(out_dir: Path, manifest: dict) -> Path:
 
 def load_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
+    if not Path(directory).exists():
+        raise UserError(f"{directory}: no such shard directory (written by `python -m pipeline shard`)")
+    if not Path(directory).is_dir():
+        hint = f": give its directory, {Path(directory).parent}" if Path(directory).name == MANIFEST else ""
+        raise UserError(f"{directory} is a file, not a shard directory (the directory that holds {MANIFEST}){hint}")
     if not path.is_file():
         hint = ""
         if (Path(directory) / PARTS_DIR).is_dir():

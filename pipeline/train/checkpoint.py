@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.signals import ignore_stop_signals
+
 log = logging.getLogger(__name__)
 
 MARK = "checkpoint.json"
@@ -175,7 +177,9 @@ def to_universal(tag_dir: Path, rank: int) -> Path:
                "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
                "--num_merge_workers", "1"]  # fmt: skip
         log.info("converting %s to a universal checkpoint for a new world size", tag_dir)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # It ignores the job's stop signals, as the loader's workers do: a conversion killed half-way would fail
+        # the start; finished, the rank can exit cleanly before its first step.
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=ignore_stop_signals)
         if proc.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         for name in os.listdir(tag_dir):  # our own files travel with it

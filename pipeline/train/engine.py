@@ -49,6 +49,12 @@ def init_distributed() -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce ("shm comm") when it starts: 40-120 s
+        # of g++ whenever the torch extensions cache is cold (another checkout path, a fresh machine), and a
+        # start killed during the build leaves a lock that every later start waits on forever. Only DeepSpeed's
+        # inference all-reduce uses it; training's collectives go through gloo. Marked unavailable, it is not built.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     owns_group = not dist.is_initialized()  # else: a group of the process that called us (tests, notebooks)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

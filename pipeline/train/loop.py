@@ -25,7 +25,7 @@ from pipeline.model.loss import IGNORE_INDEX
 from pipeline.train.checkpoint import consolidate_checkpoint, find_checkpoint, read_mark
 from pipeline.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig, TrainConfig
 from pipeline.train.engine import DistInfo, build_optimizer, deepspeed_config, initialize, param_groups
-from pipeline.train.metrics import MetricsLog, StepSums, plot_loss_curve
+from pipeline.train.metrics import MetricsLog, StepSums, any_rank, plot_loss_curve
 from pipeline.train.policy import EvalSchedule, SaveSchedule, SkippedSteps, StopFlags
 from pipeline.train.schedule import lr_multiplier
 from pipeline.train.state import RunCheckpoints, TrainState
@@ -117,6 +117,19 @@ class EpochBatches:
             state.epoch, state.batch_in_epoch, state.epoch_history = state.epoch + 1, 0, []
             self._batches = None
 
+    def close(self) -> None:
+        """End the current epoch's iteration now, and with it the data loader's workers.
+
+        They ignore the stop signals, so they end only when their iteration does; left to the garbage collector
+        (an exception's traceback holds it), that may be after the interpreter has begun to exit, where nothing
+        can stop them any more and the exit waits for them.
+        """
+        if self._batches is not None:
+            close = getattr(self._batches, "close", None)  # a generator; a plain iterator has nothing to end
+            if close is not None:
+                close()
+            self._batches = None
+
 
 def build_engine(task: Task, dist_info: DistInfo, train: TrainConfig, optim: OptimConfig, deepspeed_json: str,
                  universal: bool, init_from: Path | None = None):  # fmt: skip
@@ -156,8 +169,13 @@ def run_training(
     eval_metric: str = "",
     eval_higher_is_better: bool = True,
     extra_tags: dict[str, str] | None = None,
+    stop: StopFlags | None = None,
 ) -> dict:
-    """Train ``task`` for ``train.max_steps`` optimizer steps (resuming a published checkpoint if there is one)."""
+    """Train ``task`` for ``train.max_steps`` optimizer steps (resuming a published checkpoint if there is one).
+
+    ``stop``: the stop-signal handlers, installed by the command when it started (else installed here). A stop
+    requested before the first step ends the run at once: nothing new to save, the MLflow run untouched.
+    """
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     out = Path(train.output_dir)
     if rank == 0:
@@ -169,6 +187,16 @@ def run_training(
     init_from = find_checkpoint(train.init_from, Path(train.init_from)) if train.init_from and not resume else None
     engine, optimizer = build_engine(task, dist_info, train, optim, deepspeed_json, universal, init_from)
     state = checkpoints.restore(engine, resume, task.data_layout()) if resume is not None else TrainState()
+    own_stop = stop is None
+    stop = StopFlags().install() if own_stop else stop
+    # A signal during start-up (imports, process group, engine, restore): the ranks agree on it here, before
+    # anything is logged. The next chance to agree is the first step's reduction, a step and a save later.
+    if any_rank(stop.requested, device):
+        if own_stop:
+            stop.uninstall()
+        log.warning("stop requested (%s) before the first step: exiting without a new checkpoint",
+                    stop.signal_name or "signal")  # fmt: skip
+        return {"stopped_by_signal": True, **asdict(state), "checkpoint_dir": str(checkpoints.dir)}
     tags = {"world_size": str(world), "task": task.name, "precision": train.precision,
             "zero_stage": str(train.zero_stage), **(extra_tags or {})}  # fmt: skip
     tracker = start_tracking(tracking, out, rank, state.mlflow_run_id, first_step=state.step == 0, tags=tags,
@@ -187,7 +215,6 @@ def run_training(
     batches = EpochBatches(task, state)
     accumulation = engine.gradient_accumulation_steps()
     stopped_by_signal, status = False, "FAILED"
-    stop = StopFlags().install()
     try:
         while state.step < train.max_steps:
             lr = optim.lr * lr_multiplier(state.step, schedule, train.max_steps)
@@ -220,7 +247,9 @@ def run_training(
                 break
         status = "FINISHED"
     finally:
-        stop.uninstall()
+        batches.close()  # the loader's workers end now, on every way out of the loop
+        if own_stop:
+            stop.uninstall()
         metrics.close()
         if rank == 0 and status == "FINISHED" and train.loss_curve:
             plot_loss_curve(out)

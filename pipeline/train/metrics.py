@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank must ask)."""
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,12 @@ class MetricsLog:
         self.log_every, self.max_steps, self.precision = log_every, max_steps, precision
         self.flops, self.peak = task.flops_per_token(), peak_flops(precision)
         self.path = out / "metrics.jsonl"
+        if rank == 0:
+            # Steps after the checkpoint this run resumed from were written by an attempt that then died: they
+            # are about to be taken again, and each step must appear once.
+            dropped = truncate_records(self.path, initial_step)
+            if dropped:
+                log.info("%s: dropped %d records after step %d (resumed there)", self.path, dropped, initial_step)
         self.file = open(self.path, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
         self.bar = progress_bar(
             total=max_steps, initial=initial_step, desc=task.name, unit="step", disable=rank != 0 or None
@@ -192,6 +204,35 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def truncate_records(path: Path, last_step: int) -> int:
+    """Keep only the records of steps up to ``last_step`` in a JSON-lines file (and no torn last line).
+
+    A run resumed from the checkpoint of ``last_step`` writes the later steps again. The file is rewritten
+    atomically, so a kill during the rewrite leaves the old one. Returns how many records were dropped.
+    """
+    if not path.is_file():
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    dropped = 0
+    with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+        for line in src:
+            try:
+                keep = int(json.loads(line)["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill (or not a record at all)
+                keep = False
+            if keep:
+                dst.write(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+        dst.flush()
+        os.fsync(dst.fileno())
+    if dropped:
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+    return dropped
 
 
 def plot_loss_curve(out: Path) -> None:

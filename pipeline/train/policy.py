@@ -11,20 +11,31 @@ import logging
 import signal
 import time
 
+from pipeline.signals import STOP_SIGNALS
 from pipeline.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
 
 class StopFlags:
-    """SIGUSR1 (SLURM's pre-emption warning) and SIGTERM ask for a checkpoint at the next step, then exit."""
+    """SIGUSR1 (SLURM's pre-emption warning), SIGTERM (time limit, ``scancel``) and SIGINT (Ctrl-C) ask for a
+    checkpoint at the next step boundary, then a clean exit.
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    The training commands install it first thing, so that a signal during start-up (imports, the process group,
+    DeepSpeed, restoring a checkpoint) is remembered rather than fatal. A second Ctrl-C gives up on the
+    checkpoint: it raises ``KeyboardInterrupt`` as usual.
+    """
+
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.requested = False
         self.signal_name = ""
         self._previous: dict = {}
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
 
     def install(self) -> StopFlags:
         for sig in self.SIGNALS:
@@ -38,8 +49,12 @@ class StopFlags:
         self._previous = {}
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.requested and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
+        if not self.requested:
+            # No logging here: a handler may run inside a logging call, whose lock is not reentrant.
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
 
 class SaveSchedule:

@@ -33,6 +33,9 @@ class Tracker:
         self._mlflow = None
         self._suspended_until = 0.0
         self.failures = 0
+        # A continued run: the last step MLflow holds for each metric. Those steps were logged by an attempt
+        # that went on past its last checkpoint; the resumed run takes them again but does not log them twice.
+        self.logged_through: dict[str, int] = {}
 
     def _safe(self, what: str, fn, *args, force: bool = False, **kwargs):
         if not self.enabled or self._mlflow is None:
@@ -81,11 +84,24 @@ class Tracker:
             self.run_id = run.info.run_id
             if tags:
                 self._safe("set_tags", mlflow.set_tags, tags)
+            if run_id:
+                self.logged_through = self._safe("get_metric_history", self._last_logged_steps) or {}
             log.info("MLflow run %s (%s) at %s", self.run_id, "resumed" if run_id else "new", tracking_uri)
         except Exception as exc:
             log.warning("MLflow unavailable (%s: %s); training continues without tracking", type(exc).__name__, exc)
             self._mlflow = None
         return self.run_id
+
+    def _last_logged_steps(self) -> dict[str, int]:
+        client = self._mlflow.MlflowClient()
+        out = {}
+        for key in client.get_run(self.run_id).data.metrics:
+            if key.startswith("system/"):  # MLflow's own system metrics count their own steps
+                continue
+            steps = [m.step for m in client.get_metric_history(self.run_id, key)]
+            if steps:
+                out[key] = max(steps)
+        return out
 
     def log_params(self, config: dict) -> None:
         if self._mlflow is None:
@@ -97,8 +113,9 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self._mlflow is not None:
-            clean = {k: float(v) for k, v in metrics.items() if v is not None}
-            self._safe("log_metrics", self._mlflow.log_metrics, clean, step=step)
+            clean = {k: float(v) for k, v in metrics.items() if v is not None and step > self.logged_through.get(k, -1)}
+            if clean:
+                self._safe("log_metrics", self._mlflow.log_metrics, clean, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:
