@@ -55,14 +55,15 @@ def test_workers_of_an_unclosed_iteration_do_not_hold_up_the_exit(bert_shards):
     """Workers that ignore SIGTERM cannot be ended by multiprocessing's exit hook (SIGTERM, then join): a
     script that stops iterating without closing must still exit, and take its workers with it."""
     script = textwrap.dedent(f"""
-        import multiprocessing, sys
+        import multiprocessing, sys, faulthandler
+        faulthandler.dump_traceback_later(240, exit=True)  # a hang: where it waits, on stderr
         from pipeline.data import DataConfig, PretrainLoader
         loader = PretrainLoader(DataConfig(shards={str(bert_shards)!r}, num_workers=2), micro_batch_size=8)
         batches = iter(loader)
         next(batches)  # and the generator stays open until the interpreter exits
         print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing.util  # noqa: F401 - registers its exit hook now, before ours (below)
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -52,10 +53,16 @@ _open_workers: set = set()
 
 
 def _kill_open_workers() -> None:
+    if not _open_workers:
+        return
+    # torch's SIGCHLD handler would raise "DataLoader worker is killed" out of this hook at the first kill,
+    # leaving the other workers to the exit hook that cannot end them.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for proc in list(_open_workers):
         if proc.is_alive():
             proc.kill()
-            proc.join(timeout=5)
+    for proc in list(_open_workers):
+        proc.join(timeout=5)
     _open_workers.clear()
 
 
