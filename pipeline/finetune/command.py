@@ -12,6 +12,8 @@ finetune.layer_decay), GPT-1 can add its auxiliary LM loss (finetune.aux_lm_weig
 every finetune.eval_every steps (default: every epoch); the best checkpoint is kept. Outputs in
 train.output_dir: report.json, confusion_matrix.png (classification), eval/ (history, best scores and
 predictions), lineage.json, checkpoints/, metrics.jsonl, MLflow (tagged with the pre-training run).
+SIGUSR1 / SIGTERM / SIGINT and resuming work as in `train`: a checkpoint at the next step and exit 0; the same
+command continues the run, each step and each evaluation logged once.
 
 example:
   python -m pipeline finetune --config configs/finetune/movie-sentiment.yaml --checkpoint runs/debug

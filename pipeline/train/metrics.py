@@ -5,7 +5,8 @@ the step ends: one all-reduce of one small vector and one device-to-host copy pe
 "CPU-GPU sync point", torchtitan's and litgpt's practice). The task's metric sums (accuracies, per-head
 losses) stay on the device for the whole log window and are reduced only at log steps.
 
-``MetricsLog`` turns each step into a record: every step's exact loss goes to ``metrics.jsonl`` (rank 0);
+``MetricsLog`` turns each step into a record: every step's exact loss goes to ``metrics.jsonl`` (rank 0; a
+resumed run first drops the records after its checkpoint's step, so each step appears once);
 at log steps the record also carries the task's metrics, throughput, MFU, gradient norm and skip counts, and
 goes to MLflow, the console and the progress bar. ``write`` is the one place a record reaches its sinks.
 """

@@ -1,7 +1,9 @@
 """MLflow tracking on rank 0: a run that survives restarts, and failures that warn instead of stopping.
 
 Every call goes through ``_safe``: an unreachable server or a full disk logs one warning per kind of call and
-the training continues. The run id is stored in every checkpoint, so a resumed job appends to the same run.
+the training continues. The run id is stored in every checkpoint, so a resumed job appends to the same run,
+and logs only the steps that run does not hold yet (an attempt that died may have logged steps after its last
+checkpoint, which the resumed job takes again): each step appears once.
 """
 
 from __future__ import annotations
