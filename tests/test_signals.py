@@ -208,3 +208,33 @@ def test_a_resumed_finetuning_logs_each_step_and_evaluation_once(small_tokenizer
     assert report["steps"] == 4
     assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
     assert [r["step"] for r in records(out, "eval/history.jsonl")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_group_signal_during_a_finetuning_evaluation(small_tokenizer, tmp_path_factory, tmp_path, process_group):
+    """SIGTERM to the job as the dev set is being scored (it starts right after the step's record is written):
+    a checkpoint, exit 0, and the resumed run scores each evaluation step once."""
+    from conftest import require_shared_data
+    from finetune_data import movie_tsv, pretrained_run
+
+    data = require_shared_data()
+    bert = pretrained_run(tmp_path_factory.getbasetemp() / "ft-pretrained", small_tokenizer, "bert")
+    out = tmp_path / "run"
+    args = ["finetune", "--config", "configs/finetune/movie-sentiment.yaml", "--checkpoint", str(bert),
+            "--train.output_dir", str(out), "--data.train.path", str(movie_tsv(data, tmp_path / "movies.tsv", 800)),
+            "--data.dev_fraction", "0.5", "--train.micro_batch_size", "8", "--train.global_batch_size", "8",
+            "--finetune.epochs", "0", "--train.max_steps", "6", "--finetune.eval_every", "2",
+            "--checkpoint.every_steps", "0", "--train.loss_curve", "false",
+            "--tracking.system_metrics", "false"]  # fmt: skip
+
+    def evaluating(proc, log):
+        while not (out / "metrics.jsonl").is_file() or 2 not in [r["step"] for r in records(out)]:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.005)
+
+    summary = _stopped_attempt(args, tmp_path / "eval.log", signal.SIGTERM, evaluating)
+    assert summary["steps"] >= 2 and _published(out)[summary["steps"]]["reason"] == "SIGTERM"
+    report = json.loads(run_cli_in_process(*args, env=process_group.env).stdout.strip().splitlines()[-1])
+    assert report["steps"] == 6 and not report["stopped_by_signal"]
+    assert [r["step"] for r in records(out)] == list(range(1, 7))
+    assert [r["step"] for r in records(out, "eval/history.jsonl")] == [2, 4, 6]

@@ -182,7 +182,7 @@ def test_a_cold_start_compiles_nothing_and_stdout_is_the_summary(bert_shards, tm
     assert not extensions.exists() or not any(extensions.iterdir()), list(extensions.rglob("*"))
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1, proc.stdout
-    assert seconds < 120, seconds
+    assert seconds < 300, seconds  # the build alone took 40-120 s (an idle 2-core runner: about 10 s in all)
 
 
 @pytest.mark.slow

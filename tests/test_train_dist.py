@@ -55,20 +55,21 @@ def test_resume_on_another_world_size_keeps_the_data_position_and_logs_each_step
     through a universal checkpoint. The one-rank run repeats steps 4-10 as two ranks took them, and its
     metrics.jsonl and MLflow run hold each step once."""
     tracked = ["--tracking.enabled", "true", "--tracking.system_metrics", "false", "--train.log_every", "2"]
+    common = [*COMMON, "--schedule.decay", "constant"]  # steps 4-6 have the same lr whether max_steps is 6 or 10
     first = tmp_path / "first"
-    run(train_args(shards, first, *COMMON, *tracked, "--train.max_steps", "6", "--data.num_workers", "1"),
+    run(train_args(shards, first, *common, *tracked, "--train.max_steps", "6", "--data.num_workers", "1"),
         tmp_path / "first.log", 2)  # fmt: skip
     same, fewer = tmp_path / "same", tmp_path / "fewer"
     shutil.copytree(first, same)
     shutil.copytree(first, fewer)
     shutil.rmtree(fewer / "checkpoints" / "step_00000006")
     run(
-        train_args(shards, same, *COMMON, "--train.max_steps", "10", "--data.num_workers", "1"),
+        train_args(shards, same, *common, "--train.max_steps", "10", "--data.num_workers", "1"),
         tmp_path / "same.log",
         2,
     )
     run(
-        train_args(shards, fewer, *COMMON, *tracked, "--train.max_steps", "10", "--data.num_workers", "2"),
+        train_args(shards, fewer, *common, *tracked, "--train.max_steps", "10", "--data.num_workers", "2"),
         tmp_path / "fewer.log",
     )
     assert "universal" in (tmp_path / "fewer.log").read_text()
