@@ -80,11 +80,10 @@ def train(cfg: TrainJobConfig, stop: StopFlags) -> dict | None:
     from pipeline.train.pretrain import PretrainTask, model_config_for_shards
 
     # Everything a user can get wrong is checked before any process group exists, and before DeepSpeed is
-    # imported: the shards, the model they fit, the tokenizer, the paths, the batch layout.
+    # imported: the shards, the batch layout, the model they fit, the tokenizer, the loader, the paths.
     if not cfg.data.shards:
         raise UserError("data.shards: a shard directory is required (--data.shards DIR)")
     shard_set = open_shard_set(cfg.data.shards, cfg.data.verify_shards, cfg.data.on_bad_shard)
-    check_paths(cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     preflight(cfg, world_size=world, cuda=torch.cuda.is_available())
     model_cfg = model_config_for_shards(cfg.model, shard_set)
@@ -94,6 +93,7 @@ def train(cfg: TrainJobConfig, stop: StopFlags) -> dict | None:
         cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
         seed=cfg.train.seed, tokenizer=tokenizer, shard_set=shard_set,
     )  # fmt: skip
+    check_paths(cfg)  # last: it creates the output directory
     info = init_distributed()
     try:
         assert (info.rank, info.world_size) == (rank, world), "the launcher's RANK / WORLD_SIZE changed"
