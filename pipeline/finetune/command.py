@@ -72,7 +72,6 @@ def finetune(cfg: FinetuneJobConfig, stop=None) -> dict:
         raise UserError("data.train.path: a training file is required")
     world = int(os.environ.get("WORLD_SIZE", 1))
     preflight(cfg, world_size=world, cuda=torch.cuda.is_available())
-    check_paths(cfg)
     if cfg.registry.name and not cfg.tracking.enabled:
         raise UserError("--register: the model is logged to the fine-tuning's MLflow run; tracking.enabled is false")
     if cfg.registry.name and cfg.tracking.tracking_uri:  # the store answers before hours of training
@@ -101,6 +100,7 @@ def finetune(cfg: FinetuneJobConfig, stop=None) -> dict:
         cfg.train.max_steps = max(1, math.ceil(cfg.finetune.epochs * batches_per_epoch / accumulation))
     eval_every = cfg.finetune.eval_every or steps_per_epoch
     init_state = source.state_dict if cfg.init.weights == "pretrained" else None
+    check_paths(cfg)  # before DeepSpeed is imported
 
     info = init_distributed()
     out = Path(cfg.train.output_dir)
