@@ -21,7 +21,16 @@ import time
 
 import pytest
 from conftest import REPO, run_cli_in_process
-from train_helpers import group_alive, records, start_train, train_args, train_in_process, wait_for, wait_for_handler
+from train_helpers import (
+    forked_children,
+    group_alive,
+    records,
+    start_train,
+    train_args,
+    train_in_process,
+    wait_for,
+    wait_for_handler,
+)
 
 from data_shards import build_shards
 from pipeline.data import DataConfig, PretrainLoader
@@ -144,20 +153,26 @@ def test_group_signals_at_every_moment_then_each_step_once(bert_shards, tmp_path
     args = train_args(bert_shards, out, "--train.max_steps", str(steps), "--checkpoint.every_steps", "4",
                       "--checkpoint.keep_last", "10", "--data.num_workers", "1")  # fmt: skip
 
-    # Start-up: the handlers are in place, DeepSpeed is not even imported yet: exit 0 before the first step.
-    summary = _stopped_attempt(args, tmp_path / "startup.log", signal.SIGTERM, lambda proc, log: wait_for_handler(proc))
+    # Start-up (SLURM's pre-emption warning): the handlers are in place, DeepSpeed is not even imported yet:
+    # exit 0 before the first step.
+    summary = _stopped_attempt(args, tmp_path / "startup.log", signal.SIGUSR1,
+                               lambda proc, log: wait_for_handler(proc, signal.SIGUSR1))  # fmt: skip
     assert summary["step"] == 0
     assert not (out / "mlflow.db").exists() and not _published(out)
 
-    # Loader warm-up: the epoch's DataLoader and its worker are starting.
+    # Loader warm-up (SLURM's time limit, scancel): the epoch's DataLoader worker has just started (a moment
+    # later, as here, torch's own SIGTERM handler in it would end it; the moment of the fork is covered too:
+    # the signals are blocked until the worker ignores them).
     def warming_up(proc, log):
-        while "data epoch 0:" not in log.read_text():
+        # The epoch's first log line comes just before its DataLoader (a fork before it: a subprocess starting)
+        while "data epoch 0:" not in log.read_text() or not forked_children(proc.pid):
             assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.01)
+            time.sleep(0.005)
+        time.sleep(0.2)
 
-    summary = _stopped_attempt(args, tmp_path / "warmup.log", signal.SIGUSR1, warming_up)
+    summary = _stopped_attempt(args, tmp_path / "warmup.log", signal.SIGTERM, warming_up)
     marks = _published(out)
-    assert summary["step"] >= 1 and marks[summary["step"]]["reason"] == "SIGUSR1"
+    assert summary["step"] >= 1 and marks[summary["step"]]["reason"] == "SIGTERM"
 
     # Mid-training, Ctrl-C in a terminal (SIGINT to the foreground group).
     def training(proc, log, past=summary["step"] + 3):

@@ -86,6 +86,28 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def forked_children(pid: int) -> list[int]:
+    """Children of ``pid`` that run its own command line: processes it forked (DataLoader workers), not ones it
+    started with another program (git, a compiler)."""
+
+    def read(path: str) -> str:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            return ""
+
+    own = read(f"/proc/{pid}/cmdline")
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(pid):
+            stat = read(f"/proc/{entry}/stat")
+            fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+            if len(fields) > 1 and fields[1] == str(pid) and read(f"/proc/{entry}/cmdline") == own:
+                children.append(int(entry))
+    return children
+
+
 def wait_for_handler(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
     """Until ``proc`` catches ``sig`` (its ``SigCgt`` mask in /proc): the command's handlers are installed."""
     deadline = time.time() + timeout
