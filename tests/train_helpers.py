@@ -28,7 +28,7 @@ def train_args(shards: Path, out: Path, *extra: str, config: str = "configs/pret
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """Per-step loss; for a step logged twice (before a crash and after the resume) the last one wins."""
+    """Per-step loss (a resumed run logs each step once; were one there twice, the last would win)."""
     out = {}
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
         for line in fh:
