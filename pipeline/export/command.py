@@ -55,11 +55,13 @@ class ExportJobConfig:
     checkpoint: str = option(
         "",
         "a checkpoint tag directory, or a run / checkpoints directory (its newest published tag)",
+        path=True,
     )
-    output: str = option("", "the export directory to write")
+    output: str = option("", "the export directory to write", path=True)
     tokenizer: str = option(
         "",
         "the tokenizer directory (default: the one named by the training shards' manifest; must match it)",
+        path=True,
     )
     overwrite: bool = option(False, "replace an existing export directory")
     mlflow: bool = option(True, "log the export as an artifact of the checkpoint's MLflow run")
