@@ -151,7 +151,8 @@ def test_relative_paths_resolve_where_they_are_written(tmp_path, monkeypatch):
     )
     ft = build_config(FinetuneJobConfig, tmp_path / "mine" / "ft.yaml")
     assert ft.data.dev.path == str(tmp_path / "mine" / "data" / "dev.tsv")
-    assert ft.data.train.path == str(REPO.parent / "shared" / "data" / "finetune" / "movieReviewSnippets_GroundTruth.txt.gz")
+    shared = REPO.parent / "shared" / "data" / "finetune"  # the preset's ../shared/data, from the repository
+    assert ft.data.train.path == str(shared / "movieReviewSnippets_GroundTruth.txt.gz")
     assert ft.init.checkpoint == "models:/tiny@champion"  # a URI, not a path
     assert ft.deepspeed.config == str(REPO / "configs" / "deepspeed" / "zero1.json")
 
@@ -198,8 +199,10 @@ def test_replace_tag_drops_what_an_included_mapping_had(tmp_path):
 
 
 def test_mapping_keys_are_coerced_to_the_fields_key_type(tmp_path):
-    (tmp_path / "c.yaml").write_text("task:\n  labels: [negative, positive]\n"
-                                     "data:\n  train:\n    label_map: {0: negative, 1: positive, 2.0: positive}\n")
+    (tmp_path / "c.yaml").write_text(
+        "task:\n  labels: [negative, positive]\n"
+        "data:\n  train:\n    label_map: {0: negative, 1: positive, 2.0: positive}\n"
+    )
     from pipeline.finetune.config import FinetuneJobConfig
 
     cfg = build_config(FinetuneJobConfig, tmp_path / "c.yaml")

@@ -140,8 +140,8 @@ def test_a_json_array_of_records_is_read_and_detected(tmp_path):
             assert examples[0].uid.endswith(f"{name}:2") and examples[4].uid.endswith(f"{name}:6")  # file:line
     # pretty-printed records: each named by the line it starts on
     (tmp_path / "pretty.json").write_text(json.dumps(records, indent=2))
-    examples = text_examples(source(path=str(tmp_path / "pretty.json"), label_map={"0": "negative",
-                                                                                   "1": "positive"}), SENTIMENT)  # fmt: skip
+    numbers = {"0": "negative", "1": "positive"}
+    examples = text_examples(source(path=str(tmp_path / "pretty.json"), label_map=numbers), SENTIMENT)
     assert [e.uid.rsplit(":", 1)[1] for e in examples] == ["2", "6", "10", "14", "18"]
     # read as jsonl, the array is named for what it is
     with pytest.raises(UserError, match=r"reviews\.json:1: invalid JSON .*one JSON array of records is format json"):

@@ -372,9 +372,9 @@ def _default_paths(data: dict[str, Any], cls: type) -> None:
                 _default_paths(child, sub)
             continue
         rule = f.metadata.get("path", False)
-        if rule and f.name not in data and isinstance(f.default, str) and _is_path(f.default, rule):
-            if not os.path.isabs(f.default):
-                data[f.name] = _absolute(f.default, REPO_ROOT)
+        default = f.default
+        if rule and f.name not in data and isinstance(default, str) and _is_path(default, rule):
+            data[f.name] = _absolute(default, REPO_ROOT)
 
 
 def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
@@ -389,7 +389,7 @@ def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     with path.open(encoding="utf-8") as fh:
         try:
-            data = yaml.load(fh, Loader=_Loader) or {}  # noqa: S506 - a SafeLoader with one more tag
+            data = yaml.load(fh, Loader=_Loader) or {}  # a SafeLoader with one more tag
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -81,9 +81,7 @@ class ScheduleConfig:
 class TrainConfig:
     """The training run: batch sizes, length, precision, ZeRO, robustness, output."""
 
-    output_dir: str = option(
-        "runs/pretrain", "run directory: checkpoints, MLflow store, logs, plots", path=True
-    )
+    output_dir: str = option("runs/pretrain", "run directory: checkpoints, MLflow store, logs, plots", path=True)
     global_batch_size: int = option(256, "samples per optimizer step over all ranks (micro x accumulation x ranks)")
     micro_batch_size: int = option(32, "samples per forward/backward on one rank")
     max_steps: int = option(1000, "optimizer steps of this run (the schedule's length)")
