@@ -186,7 +186,8 @@ def pretraining_summary(source, weights: Path) -> dict:
     out = {"data": data, "parameters": parameters}
     # The last log line at or before the checkpoint's step: the metrics the run ended on.
     metrics_file = source.path.parent.parent / "metrics.jsonl"
-    skip = {"step", "lr", "epoch", "tokens_per_s", "samples_per_s", "skipped_nonfinite", "skipped_overflow", "mfu"}
+    skip = {"step", "lr", "epoch", "tokens_per_s", "samples_per_s", "skipped_nonfinite", "skipped_overflow", "mfu",
+            "data_read_errors", "data_samples_substituted"}  # fmt: skip
     if metrics_file.is_file():
         for line in metrics_file.read_text(encoding="utf-8").splitlines():
             record = json.loads(line) if line.strip() else {}

@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if info.rank == 0:
             print(json.dumps({k: result[k] for k in ("step", "epoch", "samples", "tokens", "skipped_nonfinite",
-                                                     "skipped_overflow", "mlflow_run_id", "stopped_by_signal",
-                                                     "checkpoint_dir")}))  # fmt: skip
+                                                     "skipped_overflow", "data_read_errors",
+                                                     "data_samples_substituted", "mlflow_run_id",
+                                                     "stopped_by_signal", "checkpoint_dir")}))  # fmt: skip
     finally:
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
