@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from train_helpers import build_shards, losses, start_train, train_args
+from train_helpers import RESUME_RTOL, build_shards, losses, start_train, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,8 @@ def test_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(shards, t
     assert list((tmp_path / "logs" / "node1").glob("*/attempt_1")), "torchrun did not restart node 1's workers"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
-    # Steps 11..k ran twice (before the kill and after the resume from step 10), to bitwise-identical losses.
+    # Steps 11..k ran twice (before the kill and after the resume from step 10), to the same losses (up to a
+    # few float32 ulps of run-to-run noise: train_helpers.RESUME_RTOL).
     first, resumed_from = {}, steps.index(11, steps.index(11) + 1)
     for r in records[:resumed_from]:
         first[r["step"]] = r["loss"]
@@ -139,7 +140,7 @@ def test_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(shards, t
     assert steps[resumed_from:] == list(range(11, 25))
     for r in records[resumed_from:]:
         if r["step"] in first:
-            assert r["loss"] == first[r["step"]], (r["step"], r["loss"], first[r["step"]])
+            assert r["loss"] == pytest.approx(first[r["step"]], rel=RESUME_RTOL), (r["step"], r["loss"])
     assert (out / "checkpoints" / "step_00000024" / "checkpoint.json").exists()
 
     from mlflow.tracking import MlflowClient

@@ -8,7 +8,7 @@ import os
 
 import pytest
 from conftest import REPO, run_cli, run_cli_in_process
-from train_helpers import build_shards, kill_group, losses, start_train, train_args, wait_for
+from train_helpers import assert_same_losses, build_shards, kill_group, losses, start_train, train_args, wait_for
 
 GOLDEN = REPO / "tests" / "golden" / "debug_bert_losses.json"
 STEPS = 16
@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_losses(reference_run, bert_shards, tmp_p
     resumed = run_cli_in_process(*args, env=process_group.env)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["step"] == STEPS
-    assert losses(out) == losses(ref)  # exact, not approximate: same data, masks, dropout and optimizer state
+    assert_same_losses(losses(out), losses(ref))  # same data, masks, dropout and optimizer state
     assert summary["mlflow_run_id"] == first_run_id  # the same MLflow run continues
 
 
