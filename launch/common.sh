@@ -19,6 +19,15 @@ usage() {
     sed -n '2,/^[^#]/p' "$1" | grep -v '^#SBATCH' | grep '^#' | sed 's/^# \{0,1\}//'
 }
 
+# True when any argument asks for help: the scripts then print their usage and do nothing else.
+wants_help() {
+    local arg
+    for arg in "$@"; do
+        [[ $arg == -h || $arg == --help ]] && return 0
+    done
+    return 1
+}
+
 # The interpreter and import path: jobs must run this checkout's code with the project's environment.
 setup_python() {
     export PYTHON=${PYTHON:-$REPO/.venv/bin/python}

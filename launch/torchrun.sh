@@ -18,6 +18,8 @@
 #                           checkpoint (--checkpoint.resume auto, the default) [MAX_RESTARTS, default 3]
 #   --log-dir DIR           per-rank stdout/stderr under DIR/node<R>/ [LOG_DIR, default logs/torchrun]
 #   --dry-run               print the torchrun command instead of running it [DRY_RUN=1]
+#   -h, --help              this text (anywhere on the line: nothing else runs; `python -m pipeline COMMAND
+#                           --help` lists the command's options)
 # environment:
 #   PYTHON                  the interpreter [default: <repo>/.venv/bin/python]
 #   OMP_NUM_THREADS         threads per rank [default: this node's CPUs / ranks]
@@ -30,6 +32,9 @@
 # Signals: SIGTERM and SIGUSR1 sent to torchrun are forwarded to the ranks, which write a checkpoint at the next
 # optimizer step and exit; torchrun then exits non-zero (it was signalled) and the next start resumes.
 #
+# torchrun here is `python -m pipeline.train.torchrun`, torchrun itself except that a rank exiting with status 2
+# (a config or data error: the same error on every attempt) ends the job at once with status 2, not restarted.
+#
 # examples:
 #   launch/torchrun.sh --nproc-per-node 2 train configs/pretrain/debug.yaml --train.max_steps 50
 #   # two machines, on each (node rank 0 and 1):
@@ -40,12 +45,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/common.sh
 source "$REPO/launch/common.sh"
 
+if wants_help "$@"; then
+    usage "${BASH_SOURCE[0]}"
+    exit 0
+fi
 while [[ $# -gt 0 ]]; do
     case $1 in
-    -h | --help)
-        usage "${BASH_SOURCE[0]}"
-        exit 0
-        ;;
     --nnodes) NNODES=$2 && shift 2 ;;
     --node-rank) NODE_RANK=$2 && shift 2 ;;
     --nproc-per-node) NPROC_PER_NODE=$2 && shift 2 ;;
@@ -81,7 +86,7 @@ cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / NPROC_PER_NODE > 0 ? cpus / NPROC_PER_NODE : 1))}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
+cmd=("$PYTHON" -m pipeline.train.torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
 if [[ -z ${RDZV_ENDPOINT:-} ]]; then
     cmd+=(--standalone) # one node: c10d on a free local port
 else

@@ -119,6 +119,96 @@ def test_deepspeed_configs_are_json_with_a_zero_section(path):
     assert "zero_optimization" in json.loads(path.read_text())
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Relative paths: one rule, whatever directory a job runs in
+
+
+def test_relative_paths_resolve_where_they_are_written(tmp_path, monkeypatch):
+    from pipeline.finetune.config import FinetuneJobConfig
+    from pipeline.train.config import TrainJobConfig
+
+    monkeypatch.chdir(tmp_path)  # a job submitted from somewhere else than the repository
+    preset = REPO / "configs" / "pretrain" / "demo.yaml"
+    cfg = build_config(TrainJobConfig, preset)
+    # a preset's paths are the repository's (that is how presets are written)
+    assert cfg.deepspeed.config == str(REPO / "configs" / "deepspeed" / "zero1.json")
+    assert Path(cfg.deepspeed.config).is_file()
+    assert cfg.data.shards == str(REPO / "data_shards" / "demo" / "shards-bert-128")
+    assert cfg.train.output_dir == str(REPO / "runs" / "demo-pretrain")
+    assert cfg.checkpoint.resume == "auto"  # a keyword, not a path
+    # the command line's are the working directory's; ~ is the home directory; absolute paths stay
+    cfg = build_config(TrainJobConfig, preset, {"data.shards": "shards", "train.output_dir": "~/run",
+                                                "tokenizer": "/abs/tok", "checkpoint.resume": "old/run"})  # fmt: skip
+    assert cfg.data.shards == str(tmp_path / "shards") and cfg.tokenizer == "/abs/tok"
+    assert cfg.train.output_dir == str(Path.home() / "run") and cfg.checkpoint.resume == str(tmp_path / "old/run")
+    # a field's default is written in the repository too
+    assert build_config(TrainJobConfig).deepspeed.config == str(REPO / "configs" / "deepspeed" / "zero1.json")
+    # a YAML file outside the repository: its own directory (each included file by its own place)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "ft.yaml").write_text(
+        f"include: {REPO / 'configs' / 'finetune' / 'movie-sentiment.yaml'}\n"
+        "data:\n  dev:\n    path: data/dev.tsv\ninit:\n  checkpoint: models:/tiny@champion\n"
+    )
+    ft = build_config(FinetuneJobConfig, tmp_path / "mine" / "ft.yaml")
+    assert ft.data.dev.path == str(tmp_path / "mine" / "data" / "dev.tsv")
+    shared = REPO.parent / "shared" / "data" / "finetune"  # the preset's ../shared/data, from the repository
+    assert ft.data.train.path == str(shared / "movieReviewSnippets_GroundTruth.txt.gz")
+    assert ft.init.checkpoint == "models:/tiny@champion"  # a URI, not a path
+    assert ft.deepspeed.config == str(REPO / "configs" / "deepspeed" / "zero1.json")
+
+
+def test_a_command_finds_a_presets_files_from_another_directory(tmp_path):
+    """`unlabeled` reads the demo-sentiment preset's data file (a path relative to the repository) from /tmp."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "texts.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "unlabeled", "--config",
+                           str(REPO / "configs" / "finetune" / "demo-sentiment.yaml"), "--output", "texts.jsonl"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and len(out.read_text().splitlines()) > 100  # --output: the working directory's
+
+
+def test_replace_tag_drops_what_an_included_mapping_had(tmp_path):
+    from pipeline.finetune.config import FinetuneJobConfig
+
+    (tmp_path / "data.json").write_text("[]")
+    top = tmp_path / "top.yaml"
+    top.write_text(
+        f"include: {REPO / 'configs' / 'finetune' / 'spam.yaml'}\n"
+        "data:\n  train: !replace\n    path: data.json\n    label_field: stars\n"
+    )
+    cfg = build_config(FinetuneJobConfig, top)
+    train = cfg.data.train
+    assert (train.path, train.label_field) == (str(tmp_path / "data.json"), "stars")
+    # the preset's other data.train fields are gone: back to their defaults
+    assert (train.format, train.text_format, train.label_map) == ("auto", "plain", {})
+    assert cfg.data.dev_fraction == 0.2  # data's other keys still merge
+    # a nested mapping alone; without the tag, mappings merge key by key
+    top.write_text(f"include: {REPO / 'configs' / 'finetune' / 'spam.yaml'}\n"
+                   "data:\n  train:\n    label_map: !replace {0: ham, 1: spam}\n")  # fmt: skip
+    assert build_config(FinetuneJobConfig, top).data.train.label_map == {"0": "ham", "1": "spam"}
+    top.write_text(f"include: {REPO / 'configs' / 'finetune' / 'spam.yaml'}\n"
+                   "data:\n  train:\n    label_map: {0: ham}\n")  # fmt: skip
+    assert build_config(FinetuneJobConfig, top).data.train.label_map == {"easy-ham-1": "ham", "spam-1": "spam",
+                                                                         "0": "ham"}  # fmt: skip
+    top.write_text("task:\n  labels: !replace [a, b]\n")
+    with pytest.raises(ConfigError, match="!replace applies to a mapping"):
+        build_config(FinetuneJobConfig, top)
+
+
+def test_mapping_keys_are_coerced_to_the_fields_key_type(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "task:\n  labels: [negative, positive]\n"
+        "data:\n  train:\n    label_map: {0: negative, 1: positive, 2.0: positive}\n"
+    )
+    from pipeline.finetune.config import FinetuneJobConfig
+
+    cfg = build_config(FinetuneJobConfig, tmp_path / "c.yaml")
+    assert cfg.data.train.label_map == {"0": "negative", "1": "positive", "2.0": "positive"}
+
+
 def test_a_mistyped_option_is_one_line_with_the_closest_real_one():
     from conftest import run_cli_in_process
 

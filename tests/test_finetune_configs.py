@@ -15,7 +15,7 @@ FRAGMENTS = {"base", "gpt1"}  # included by the task presets, not run on their o
 @pytest.mark.parametrize("path", [p for p in PRESETS if p.stem not in FRAGMENTS], ids=lambda p: p.stem)
 def test_preset_parses(path):
     cfg = build_config(FinetuneJobConfig, path)
-    assert cfg.data.train.path and cfg.train.output_dir.startswith("runs/")
+    assert cfg.data.train.path and cfg.train.output_dir.startswith(str(REPO / "runs") + "/")  # the repository's
     assert cfg.optim.name == "adamw" and cfg.schedule.decay == "linear"  # base.yaml's recipe
     if path.stem.startswith("gpt-"):
         assert cfg.finetune.aux_lm_weight == 0.5 and cfg.optim.lr == 6.25e-5

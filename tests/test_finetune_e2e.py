@@ -224,3 +224,30 @@ def test_two_ranks_train_and_score_as_one_rank_with_accumulation(data, bert, tmp
     assert [s["step"] for s in scores_one] == [2, 4, 6, 8]
     for a, b in zip(scores_one, scores_two, strict=True):
         assert a["accuracy"] == b["accuracy"]
+
+
+def test_own_json_array_data_from_random_initialisation(bert, tmp_path):
+    """README, "Your own data, and random initialisation": a YAML outside the repository that includes a preset,
+    replaces its data.train (!replace) with a JSON array file beside it, integer labels mapped by label_map."""
+    import gzip
+
+    with gzip.open(REPO / "data_shards" / "demo_finetune" / "movie_snippets_3k.tsv.gz", "rt", encoding="utf-8") as fh:
+        rows = [line.rstrip("\n").split("\t") for line in fh]
+    records = [{"review": r[2], "stars": int(float(r[1]) > 0)} for r in rows[:40]]
+    (tmp_path / "reviews.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    (tmp_path / "my-sentiment.yaml").write_text(
+        f"include: {REPO / 'configs' / 'finetune' / 'movie-sentiment.yaml'}\n"
+        "data:\n  train: !replace\n    path: reviews.json\n    text_field: review\n    label_field: stars\n"
+        "    label_map: {0: negative, 1: positive}\n  dev_fraction: 0.2\n"
+        "train:\n  output_dir: runs/my-sentiment\n"
+    )  # fmt: skip
+    args = ["finetune", "--config", str(tmp_path / "my-sentiment.yaml"), "--checkpoint", str(bert),
+            "--init.weights", "random", *FAST, "--finetune.epochs", "1"]  # fmt: skip
+    proc = run_cli_in_process(*args, env=GROUP["env"])
+    out = tmp_path / "runs" / "my-sentiment"  # relative to the YAML file's directory
+    report = json.loads((out / "report.json").read_text())
+    assert report["init"] == "random" and report["train_examples"] == 32 and report["dev_examples"] == 8
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["init"] == "random"
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["init"]["weights"] == "random" and lineage["data_files"]["train"]["path"] == str(
+        tmp_path / "reviews.json")  # fmt: skip

@@ -115,3 +115,61 @@ def test_squad_json_and_dev_holdout_by_article(data):
     assert not {e.article for e in train} & {e.article for e in dev}
     assert holdout(examples, [e.article for e in examples], 0.1, seed=1)[1] == dev
     assert len(subset(train, 100, seed=3)) == 100 and subset(train, 100, seed=3) == subset(train, 100, seed=3)
+
+
+def write_json_array(path, records) -> None:
+    """A JSON array as people write them: one record per line, pretty-printed ones across lines."""
+    text = "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
+    if path.name.endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def test_a_json_array_of_records_is_read_and_detected(tmp_path):
+    records = [{"text": f"review {i}", "label": i % 2} for i in range(5)]
+    for name in ("reviews.json", "reviews.json.gz"):
+        write_json_array(tmp_path / name, records)
+        for fmt in ("json", "auto"):  # auto: a .json file holding an array
+            examples = text_examples(source(path=str(tmp_path / name), format=fmt,
+                                            label_map={"0": "negative", "1": "positive"}), SENTIMENT)  # fmt: skip
+            assert [(e.text, e.label) for e in examples] == [(r["text"], r["label"]) for r in records]
+            assert examples[0].uid.endswith(f"{name}:2") and examples[4].uid.endswith(f"{name}:6")  # file:line
+    # pretty-printed records: each named by the line it starts on
+    (tmp_path / "pretty.json").write_text(json.dumps(records, indent=2))
+    numbers = {"0": "negative", "1": "positive"}
+    examples = text_examples(source(path=str(tmp_path / "pretty.json"), label_map=numbers), SENTIMENT)
+    assert [e.uid.rsplit(":", 1)[1] for e in examples] == ["2", "6", "10", "14", "18"]
+    # read as jsonl, the array is named for what it is
+    with pytest.raises(UserError, match=r"reviews\.json:1: invalid JSON .*one JSON array of records is format json"):
+        text_examples(source(path=str(tmp_path / "reviews.json"), format="jsonl"), SENTIMENT)
+    (tmp_path / "oneline.json").write_text(json.dumps(records))
+    with pytest.raises(UserError, match=r"oneline\.json:1: a record must be a JSON object, got a list; .* format json"):
+        text_examples(source(path=str(tmp_path / "oneline.json"), format="jsonl"), SENTIMENT)
+    (tmp_path / "object.json").write_text('{"reviews": []}')
+    with pytest.raises(UserError, match=r"object\.json: holds an object with keys 'reviews', not a JSON array"):
+        text_examples(source(path=str(tmp_path / "object.json")), SENTIMENT)
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records))  # JSON Lines, .json name
+    assert len(text_examples(source(path=str(tmp_path / "lines.json"), label_map={"0": "negative", "1": "positive"}),
+                             SENTIMENT)) == 5  # fmt: skip
+
+
+def test_label_map_keys_match_numeric_labels_and_null_labels_are_named(tmp_path):
+    from pipeline.config import build_config
+    from pipeline.finetune.config import FinetuneJobConfig
+
+    path = tmp_path / "scores.json"
+    write_json_array(path, [{"text": "good", "label": 1}, {"text": "bad", "label": 0.0}, {"text": "?", "label": None}])
+    (tmp_path / "ft.yaml").write_text("task:\n  labels: [negative, positive]\ndata:\n  train:\n"
+                                      "    path: scores.json\n    label_map: {0: negative, 1: positive}\n")  # fmt: skip
+    cfg = build_config(FinetuneJobConfig, tmp_path / "ft.yaml")  # YAML int keys: compared as text
+    with pytest.raises(UserError, match=r"scores\.json:4: null label \(field 'label' is null\)"):
+        text_examples(cfg.data.train, cfg.task)
+    write_json_array(path, [{"text": "good", "label": 1}, {"text": "bad", "label": 0.0}])
+    assert [e.label for e in text_examples(cfg.data.train, cfg.task)] == [1, 0]
+    (tmp_path / "n.jsonl").write_text('{"text": "x", "label": "positive"}\n{"text": "y", "label": null}\n')
+    with pytest.raises(UserError, match=r"n\.jsonl:2: null label"):
+        text_examples(source(path=str(tmp_path / "n.jsonl")), SENTIMENT)

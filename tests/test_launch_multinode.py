@@ -151,3 +151,20 @@ def test_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(shards, t
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     assert logged == list(range(1, 25))  # each step once, although steps 11..k were taken twice
+
+
+def test_a_user_error_is_not_restarted(shards, tmp_path):
+    """A missing DeepSpeed config (a path on the command line: the working directory's) is the same error at every
+    attempt: one attempt, exit status 2, the message once, however many restarts torchrun is allowed."""
+    env = {**os.environ, "PYTHON": sys.executable, "PIPELINE_PROGRESS": "0"}
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), "--nproc-per-node", "2", "--max-restarts", "3",
+           "--log-dir", str(tmp_path / "logs"), "train", str(REPO / "configs" / "pretrain" / "debug.yaml"),
+           "--data.shards", str(shards), "--train.output_dir", "run", "--deepspeed.config", "missing.json",
+           "--data.num_workers", "0", "--tracking.enabled", "false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-4000:]
+    assert text.count(f"deepspeed.config: {tmp_path / 'missing.json'} not found") == 1, text[-4000:]
+    assert "exited with status 2 (an error to fix, shown above): not restarted" in text
+    attempts = sorted(p.name for p in (tmp_path / "logs" / "node0").glob("*/attempt_*"))
+    assert attempts == ["attempt_0"], attempts

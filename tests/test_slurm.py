@@ -80,24 +80,29 @@ def tail(path: Path, chars: int = 6000) -> str:
 
 
 def test_preprocessing_array_job_writes_the_same_shards_as_one_command(slurm_cluster, small_tokenizer, tmp_path):
+    """Submitted from a directory outside the repository that has no logs/ (preprocess.sh creates it); the task
+    that runs under the array's own job id finds the repository too (scontrol then lists every task)."""
     args = ["--tokenizer", str(small_tokenizer), "--input", str(DEMO_CORPUS), "--seq-len", "64",
             "--data.unit_bytes", str(512 * 1024)]  # fmt: skip
     single = tmp_path / "single"
     run_cli("shard", "--config", "configs/preprocess/demo-bert.yaml", *args, "--output", str(single))
 
-    arrayed = tmp_path / "array"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     env = {**job_env(tmp_path), "NUM_TASKS": "3", "CPUS_PER_TASK": "1"}
-    proc = subprocess.run(["bash", "launch/slurm/preprocess.sh", "configs/preprocess/demo-bert.yaml", *args,
-                           "--output", str(arrayed)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    env.pop("LOG_DIR")  # the default, logs/ of the directory submitted from: not there yet
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "preprocess.sh"),
+                           str(REPO / "configs" / "preprocess" / "demo-bert.yaml"), *args, "--output", "array"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    arrayed = elsewhere / "array"  # --output: relative to the directory submitted from
     array_id, merge_id = re.search(r"array job (\d+) \(3 tasks\) and merge job (\d+)", proc.stdout).groups()
-    logs = tmp_path / "logs"
+    logs = elsewhere / "logs"
     info = wait_job(merge_id, logs / f"merge-{merge_id}.out", timeout=900)
     assert info["JobState"] == "COMPLETED", tail(logs / f"merge-{merge_id}.out")
     for task in range(3):
         text = (logs / f"shard-{array_id}_{task}.out").read_text()
-        assert f"task {task + 1}/3" in text, text
+        assert f"task {task + 1}/3" in text and "cannot find the repository" not in text, text
     assert "merged" in (logs / f"merge-{merge_id}.out").read_text()
 
     names = sorted(p.name for p in single.iterdir() if p.is_file())
@@ -110,6 +115,41 @@ def test_preprocessing_array_job_writes_the_same_shards_as_one_command(slurm_clu
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, small_tokenizer):
     return build_shards(tmp_path_factory.mktemp("slurm") / "bert", small_tokenizer, "bert")
+
+
+def test_pretraining_submitted_from_another_directory_and_a_user_error(slurm_cluster, shards, tmp_path):
+    """`sbatch pretrain.sbatch` from a directory outside the repository, without logs/: the job starts (its log in
+    that directory), the preset's relative paths are the repository's. Then a missing DeepSpeed config (a path on
+    the command line: that directory's): the job fails once with status 2, the message once, no restart, no
+    requeue."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = job_env(tmp_path)
+    env.pop("LOG_DIR")
+    common = [str(REPO / "launch" / "slurm" / "pretrain.sbatch"), str(REPO / "configs" / "pretrain" / "debug.yaml"),
+              "--data.shards", str(shards), "--train.max_steps", "2", "--tracking.enabled", "false",
+              "--data.num_workers", "0"]  # fmt: skip
+    submit = ["sbatch", "--parsable"]
+    good = subprocess.run([*submit, *common, "--train.output_dir", "run"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    bad = subprocess.run([*submit, *common, "--train.output_dir", "bad", "--deepspeed.config", "missing.json"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    try:
+        info = wait_job(good, elsewhere / f"pretrain-{good}.out")
+        text = tail(elsewhere / f"pretrain-{good}.out")
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+        assert (elsewhere / "run" / "checkpoints" / "step_00000002" / "checkpoint.json").is_file()
+        assert (elsewhere / "logs" / f"pretrain-{good}").is_dir()  # the per-rank logs, created by the job
+
+        info = wait_job(bad, elsewhere / f"pretrain-{bad}.out")
+        text = (elsewhere / f"pretrain-{bad}.out").read_text()
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
+        assert text.count(f"deepspeed.config: {elsewhere / 'missing.json'} not found") == 1, text
+        assert "not restarted" in text and "not requeued" in text, text
+        attempts = sorted(p.name for p in (elsewhere / "logs" / f"pretrain-{bad}").glob("node0/*/attempt_*"))
+        assert attempts == ["attempt_0"], attempts
+    finally:
+        subprocess.run(["scancel", good, bad], capture_output=True)
 
 
 def test_pretraining_job_is_preempted_requeued_and_resumed(slurm_cluster, shards, tmp_path):

@@ -120,6 +120,38 @@ def test_killed_run_resumes_to_the_same_losses_and_logs_each_step_once(reference
     assert_same_losses(logged, {step: losses(ref)[step] for step in (5, 10, 15, 16)})
 
 
+def test_damaged_shards_are_counted_in_metrics_mlflow_and_the_summary(bert_shards, tmp_path, process_group):
+    """4 KiB of garbage in each shard: training goes on, and what was lost is in every sink, not only in logs."""
+    import random
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(bert_shards, shards)
+    for path in sorted(shards.glob("*.tar")):
+        data = bytearray(path.read_bytes())
+        for at in (10_000, len(data) // 2):  # within the first shuffle window, and in the middle
+            data[at : at + 4096] = random.Random(at).randbytes(4096)
+        path.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    args = train_args(shards, out, "--train.max_steps", "4", "--train.log_every", "2", "--checkpoint.every_steps",
+                      "0", "--tracking.system_metrics", "false", "--train.loss_curve", "false")  # fmt: skip
+    proc = run_cli_in_process(*args, env=process_group.env)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 4 and summary["data_read_errors"] >= 1 and summary["data_samples_substituted"] >= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "data_read_errors" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert (logged[-1]["data_read_errors"], logged[-1]["data_samples_substituted"]) == (
+        summary["data_read_errors"], summary["data_samples_substituted"])  # fmt: skip
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    for name in ("data_read_errors", "data_samples_substituted"):
+        history = client.get_metric_history(summary["mlflow_run_id"], name)
+        assert [m.step for m in history] == [2, 4] and history[-1].value == summary[name]
+
+
 def test_configs_that_cannot_work_fail_before_training(bert_shards, small_tokenizer, tmp_path):
     cases = [
         (["--train.global_batch_size", "20", "--train.micro_batch_size", "8"], "not divisible"),

@@ -2,6 +2,7 @@
 # Install and start a single-node SLURM cluster on this machine (Debian/Ubuntu, as root).
 #
 # usage: sudo launch/local_slurm/start.sh
+#        launch/local_slurm/start.sh --help    this text, nothing else
 #
 # For tests and trying the launchers: Debian's slurm-wlm and munge, with munged (as user munge), slurmctld and
 # slurmd (as root) on this host, one partition "debug" holding this node with its CPUs and memory (from
@@ -19,6 +20,18 @@
 #   FORCE=0              1: overwrite a slurm.conf this script did not write
 #   NO_INSTALL=0         1: never call apt-get (fail if the packages are missing)
 set -euo pipefail
+for arg in "$@"; do
+    case $arg in
+    -h | --help)
+        sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "local_slurm: error: unknown argument '$arg' (see --help)" >&2
+        exit 2
+        ;;
+    esac
+done
 
 PARTITION=${PARTITION:-debug}
 STATE_DIR=${STATE_DIR:-/var/lib/slurm}

@@ -3,7 +3,20 @@
 # files). Jobs still running are killed with their daemons; the configuration and packages stay.
 #
 # usage: sudo launch/local_slurm/stop.sh
+#        launch/local_slurm/stop.sh --help    this text, nothing else
 set -euo pipefail
+for arg in "$@"; do
+    case $arg in
+    -h | --help)
+        sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "local_slurm: error: unknown argument '$arg' (see --help)" >&2
+        exit 2
+        ;;
+    esac
+done
 
 stop() {
     local name=$1 pid

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Submit preprocessing to SLURM: an array job of NUM_TASKS shard tasks (launch/slurm/shard.sbatch, one
 # --task-index each), then the manifest merge (launch/slurm/merge.sbatch) as a job that starts only after every
-# array task succeeded. Run it on a login node, from the repository root.
+# array task succeeded. Run it on a login node, from any directory: CONFIG and paths in the overrides are relative
+# to it (the jobs run there), paths written in a preset to the repository.
 #
 # usage: launch/slurm/preprocess.sh [--dry-run] CONFIG --output DIR [--section.field=value ...]
+#        launch/slurm/preprocess.sh --help
 #   CONFIG and the overrides are those of `python -m pipeline shard`; --output (or --output.dir) is required
 #   here, for the merge job. --dry-run prints the two sbatch commands instead of submitting them.
 #
@@ -13,7 +15,7 @@
 #   SBATCH_ARGS=""       more sbatch options for both jobs, e.g. "--partition cpu --time 4:00:00 --mem 32G"
 #                        (sbatch's own SBATCH_PARTITION, SBATCH_ACCOUNT, ... variables work too)
 #   MERGE_ARGS=""        options of `pipeline merge`, e.g. --verify (re-hash every shard)
-#   LOG_DIR=logs         job logs: LOG_DIR/shard-<array job>_<task>.out, LOG_DIR/merge-<job>.out
+#   LOG_DIR=logs         job logs: LOG_DIR/shard-<array job>_<task>.out, LOG_DIR/merge-<job>.out (created)
 #   PYTHON               interpreter for the jobs [default: <repo>/.venv/bin/python]
 #
 # example:
@@ -25,8 +27,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=launch/common.sh
 source "$REPO/launch/common.sh"
 
+if wants_help "$@"; then
+    usage "${BASH_SOURCE[0]}"
+    exit 0
+fi
 case ${1:-} in
--h | --help) usage "${BASH_SOURCE[0]}" && exit 0 ;;
 --dry-run) DRY_RUN=1 && shift ;;
 esac
 [[ $# -ge 1 ]] || die "usage: launch/slurm/preprocess.sh [--dry-run] CONFIG --output DIR [overrides...] (see --help)"
@@ -48,7 +53,7 @@ OUTPUT=$(realpath -m "$OUTPUT")
 
 NUM_TASKS=${NUM_TASKS:-4}
 CPUS_PER_TASK=${CPUS_PER_TASK:-1}
-LOG_DIR=${LOG_DIR:-logs}
+LOG_DIR=$(realpath -m "${LOG_DIR:-logs}") # sbatch opens the job logs before a job runs: they must exist
 [[ $NUM_TASKS =~ ^[1-9][0-9]*$ ]] || die "NUM_TASKS must be a positive integer, got '$NUM_TASKS'"
 read -ra extra <<<"${SBATCH_ARGS:-}"
 read -ra merge_args <<<"${MERGE_ARGS:-}"

@@ -9,6 +9,7 @@
 #    srun, which hands them to torchrun on every node, which hands them to the ranks: they checkpoint at the next
 #    optimizer step and exit. After a signal in REQUEUE_SIGNALS the job requeues itself (scontrol requeue); the
 #    next start resumes from that checkpoint in the same MLflow run.
+# 4. Exit status 2 (a config or data error, which torchrun does not restart either) is never requeued.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=launch/common.sh
@@ -17,9 +18,12 @@ source "$REPO/launch/common.sh"
 COMMAND=${1:?COMMAND (train or finetune)}
 shift
 SBATCH_FILE="$REPO/launch/slurm/$([[ $COMMAND == train ]] && echo pretrain || echo "$COMMAND").sbatch"
+if wants_help "$@"; then
+    usage "$SBATCH_FILE"
+    exit 0
+fi
 while [[ $# -gt 0 ]]; do
     case $1 in
-    -h | --help) usage "$SBATCH_FILE" && exit 0 ;;
     --dry-run) DRY_RUN=1 && shift ;;
     *) break ;;
     esac
@@ -30,9 +34,18 @@ shift
 require_file "$CONFIG" "CONFIG"
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
     [[ ${DRY_RUN:-0} == 1 ]] || die "not inside a SLURM job: submit with sbatch (or look with --dry-run)"
-    log "dry run outside SLURM: showing a one-node allocation of this machine"
-    SLURM_JOB_ID=0 SLURM_JOB_NAME=$COMMAND SLURM_JOB_NODELIST=$(hostname -s) SLURM_JOB_NUM_NODES=1
-    SLURM_CPUS_ON_NODE=$(nproc)
+    # What the real job will be called: sbatch's SBATCH_JOB_NAME, else the script's #SBATCH --job-name.
+    header_name=$(sed -n 's/^#SBATCH --job-name=\([^ ]*\).*/\1/p' "$SBATCH_FILE" | head -n 1)
+    SLURM_JOB_ID=0 SLURM_JOB_NAME=${SBATCH_JOB_NAME:-${header_name:-$COMMAND}}
+    SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-$(hostname -s)} SLURM_JOB_NUM_NODES=${SLURM_JOB_NUM_NODES:-1}
+    SLURM_CPUS_ON_NODE=${SLURM_CPUS_ON_NODE:-$(nproc)}
+    LAUNCH_NAME=$SLURM_JOB_NAME
+    log "dry run outside SLURM: job '$SLURM_JOB_NAME' (id 0 stands for the job id) on $SLURM_JOB_NUM_NODES node(s)" \
+        "with this machine's $SLURM_CPUS_ON_NODE CPUs. The nodes and ranks per node of a real job come from its" \
+        "allocation, unknown until sbatch grants it: NPROC_PER_NODE, else its GPUs per node, else" \
+        "--ntasks-per-node (this script's header: 1); preview one with NPROC_PER_NODE, SLURM_GPUS_ON_NODE or" \
+        "SLURM_NTASKS_PER_NODE, and SLURM_JOB_NUM_NODES with SLURM_JOB_NODELIST"
+    : "${SLURM_NTASKS_PER_NODE:=$(sed -n 's/^#SBATCH --ntasks-per-node=\([0-9]*\).*/\1/p' "$SBATCH_FILE" | head -n 1)}"
 fi
 setup_python
 if command -v scontrol >/dev/null; then
@@ -67,7 +80,8 @@ step=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-t
     --kill-on-bad-exit=1 "${node_cmd[@]}")
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-    echo "# job $SLURM_JOB_ID: $NNODES node(s) (${HOSTS[*]}) x $NPROC ranks; rendezvous $MASTER_ADDR:$MASTER_PORT"
+    echo "# job $SLURM_JOB_ID ($SLURM_JOB_NAME): $NNODES node(s) (${HOSTS[*]}) x $NPROC ranks =" \
+        "$((NNODES * NPROC)) ranks; rendezvous $MASTER_ADDR:$MASTER_PORT; logs $JOB_LOG_DIR"
     quote "${step[@]}"
     echo "# on each node (node rank = SLURM_NODEID):"
     NODE_RANK=0 SLURM_CPUS_ON_NODE=$SLURM_CPUS_ON_NODE "${node_cmd[0]}" --dry-run "${node_cmd[@]:1}"
@@ -108,6 +122,11 @@ while :; do
     fi
 done
 
+if [[ $rc == 2 ]]; then
+    log "srun exited with status 2: an error in the config or the data (shown above), the same at every start:" \
+        "not requeued"
+    exit 2
+fi
 if [[ -n $signal_name && " $REQUEUE_SIGNALS " == *" $signal_name "* ]]; then
     if ((ATTEMPT < MAX_REQUEUES)); then
         log "srun ended ($rc) after SIG$signal_name: requeueing job $SLURM_JOB_ID; the next start resumes from" \

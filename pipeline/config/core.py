@@ -4,14 +4,29 @@ Every component owns a small dataclass whose fields carry their help text (``opt
 root config nests those sections. The resolution order is: dataclass defaults, then the YAML file given
 with ``--config``, then dotted overrides on the command line. Construction happens once, at the end, so
 each section's ``__post_init__`` validates the final values and raises ``ValueError`` naming the field.
+
+Relative paths (fields declared with ``option(..., path=...)``) are made absolute where they are read, so a
+job finds the same files whatever directory it runs in:
+
+- written in a YAML file inside the repository (the presets), or a field's default: against the repository
+  root, which is how the presets are written;
+- written in a YAML file outside the repository: against that file's directory (as ``include:`` is);
+- given on the command line (or as an override in code): against the current working directory.
+
+URIs (``models:/...``, ``runs:/...``, ``http://...``) and a field's keywords (``checkpoint.resume: auto``) are
+not paths. ``include:`` merges mappings key by key; a mapping tagged ``!replace`` replaces the included one
+instead (``label_map: !replace {0: negative, 1: positive}``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -21,14 +36,26 @@ T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
 
+# The repository: relative paths in its YAML files and in the fields' defaults are relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-def option(default: Any = _MISSING, help: str = "", *, aliases: tuple[str, ...] = (), factory=None) -> Any:
+
+def option(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    aliases: tuple[str, ...] = (),
+    factory=None,
+    path: bool | Callable[[str], bool] = False,
+) -> Any:
     """A documented config field.
 
     ``aliases`` are extra command-line spellings (``--vocab-size`` for ``tokenizer.vocab_size``) so the
     common flags of a command read naturally while every field stays reachable by its dotted name.
+    ``path``: the value names a file or directory (True), or a test of which values do (``resume``: not
+    ``auto`` or ``none``); relative ones are made absolute by the rule in this module's docstring.
     """
-    meta = {"help": help, "aliases": tuple(aliases)}
+    meta = {"help": help, "aliases": tuple(aliases), "path": path}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if default is _MISSING:
@@ -98,7 +125,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
+        # Keys too: YAML reads `0: negative` with an int key, which a dict[str, str] must hold as "0".
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, name): _coerce(v, value_tp, f"{name}[{k!r}]") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -217,40 +246,174 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _Replace(dict):
+    """A mapping tagged ``!replace``: it replaces the mapping it overrides instead of being merged into it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader with the ``!replace`` tag."""
+
+
+def _construct_replace(loader: yaml.SafeLoader, node: yaml.Node) -> _Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, "!replace applies to a mapping (lists and single values always replace)", node.start_mark
+        )
+    return _Replace(loader.construct_mapping(node, deep=True))
+
+
+_Loader.add_constructor("!replace", _construct_replace)
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, _Replace) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def _plain(value: Any) -> Any:
+    """``value`` without ``!replace`` marks (they act on the includes of the file that wrote them only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Relative paths
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/x, runs:/id/p, http://h, sqlite:///f, s3://b
+
+
+def yaml_base(path: str | Path) -> Path:
+    """What relative paths written in the YAML file ``path`` are relative to: the repository root for a file
+    inside the repository, else the file's own directory."""
+    resolved = Path(path).resolve()
+    return REPO_ROOT if resolved.is_relative_to(REPO_ROOT) else resolved.parent
+
+
+def _is_path(value: str, rule: bool | Callable[[str], bool]) -> bool:
+    if not value or _URI.match(value):
+        return False
+    return rule is True or (callable(rule) and rule(value))
+
+
+def _absolute(value: str, base: Path) -> str:
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (``X`` or ``X | None``), if any."""
+    if _is_union(tp):
+        found = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _resolve_value(value: Any, f: dataclasses.Field, tp: Any, base: Path) -> Any:
+    sub = _section_type(tp)
+    if sub is not None and isinstance(value, dict):
+        return _resolve_section(value, sub, base)
+    rule = f.metadata.get("path", False)
+    if not rule:
+        return value
+    if isinstance(value, str) and get_origin(tp) in (list, tuple):  # "a,b" on the command line
+        value = [v for v in value.split(",") if v]
+    if isinstance(value, str):
+        return _absolute(value, base) if _is_path(value, rule) else value
+    if isinstance(value, list):
+        return [_absolute(v, base) if isinstance(v, str) and _is_path(v, rule) else v for v in value]
+    return value
+
+
+def _resolve_section(data: dict[str, Any], cls: type, base: Path) -> dict[str, Any]:
+    """``data`` (values for ``cls``) with its relative paths made absolute against ``base``."""
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = type(data)()  # keeps a !replace mark
+    for key, value in data.items():
+        f = fields.get(key)  # an unknown key is reported by from_dict
+        out[key] = value if f is None else _resolve_value(value, f, hints[key], base)
+    return out
+
+
+def _resolve_override(cls: type, dotted: str, value: Any, base: Path) -> Any:
+    """A ``--section.field`` value with a relative path made absolute against ``base``."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        f = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        sub = _section_type(_field_types(cls)[part]) if f is not None else None
+        if sub is None:
+            return value
+        cls = sub
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(leaf)
+    return value if f is None else _resolve_value(value, f, _field_types(cls)[leaf], base)
+
+
+def _default_paths(data: dict[str, Any], cls: type) -> None:
+    """Write the relative defaults of path fields that nothing set into ``data``, against the repository."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        sub = _section_type(hints[f.name])
+        if sub is not None:
+            child = data.get(f.name)
+            if child is None and f.name not in data:
+                child = {}
+                _default_paths(child, sub)
+                if child:
+                    data[f.name] = child
+            elif isinstance(child, dict):
+                _default_paths(child, sub)
+            continue
+        rule = f.metadata.get("path", False)
+        default = f.default
+        if rule and f.name not in data and isinstance(default, str) and _is_path(default, rule):
+            data[f.name] = _absolute(default, REPO_ROOT)
+
+
+def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
+    """A YAML file's values with its ``include:`` files merged under them.
+
+    With ``cls`` (the root config the file is for), relative paths are made absolute: against the repository
+    root for a file inside the repository, else against the file's directory (each included file by its own
+    place).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.load(fh, Loader=_Loader) or {}  # a SafeLoader with one more tag
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     # `include: other.yaml` composes presets (a pretrain config naming its model size, say).
     includes = data.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
+    if cls is not None:
+        data = _resolve_section(data, cls, yaml_base(path))
     merged: dict[str, Any] = {}
     for inc in includes:
         inc_path = (path.parent / inc) if not Path(inc).is_absolute() else Path(inc)
-        merged = _merge(merged, load_yaml(inc_path))
-    return _merge(merged, data)
+        merged = _merge(merged, load_yaml(inc_path, cls))
+    return _plain(_merge(merged, data))
 
 
 def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults <- YAML <- dotted overrides, validated once."""
-    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    """Defaults <- YAML <- dotted overrides, validated once; relative paths made absolute (module docstring)."""
+    data: dict[str, Any] = load_yaml(yaml_path, cls) if yaml_path else {}
+    cwd = Path.cwd()
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+        _set_dotted(data, dotted, _resolve_override(cls, dotted, value, cwd))
+    _default_paths(data, cls)
     return from_dict(cls, data)
 
 

@@ -17,7 +17,7 @@ from pipeline.config import option
 class DataConfig:
     """Pre-training data: shards, reader processes, shuffling, dynamic masking, padding and bad shards."""
 
-    shards: str = option("", "shard directory with manifest.json (from `python -m pipeline shard`)")
+    shards: str = option("", "shard directory with manifest.json (from `python -m pipeline shard`)", path=True)
     num_workers: int = option(2, "DataLoader worker processes per rank (0: read in the training process)")
     prefetch_factor: int = option(4, "batches each worker prepares ahead of the training step")
     shuffle_window: int = option(

@@ -1,10 +1,13 @@
-"""Reading a slot's samples from the shards: webdataset's tar stages, a counting error handler, decoding and
-validation, and the replacement of samples lost to a shard that turns out corrupt while it is read.
+"""Reading a slot's samples from the shards: the tar stream (``tar_stream``, which finds its way past damage), a
+counting error handler, decoding and validation, and the replacement of samples lost to damage found while a
+shard is read.
 
 Every sample carries its epoch position. A window of the plan must always come out with its full size, or
 the ranks' batch counts drift apart and the job hangs at the epoch's end; samples that could not be read
-(truncated tar, bad member, invalid ids) are therefore replaced by repeating the window's readable samples,
-and counted. The replacement depends only on the window's contents, so a resumed run replaces identically.
+(truncated tar, garbage over members, invalid ids) are therefore replaced by repeating the window's readable
+samples, and counted. Samples after a damaged region are read again from the next valid tar header, at their
+own positions. What is read and replaced depends only on the shard's bytes and the window, so a resumed run
+reads and replaces identically.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import webdataset as wds
 
 from pipeline.data.npy import npy_array
 from pipeline.data.plan import EpochPlan, Piece, Segment
 from pipeline.data.shards import Shard
+from pipeline.data.tar_stream import tar_samples
 from pipeline.preprocess.samples import BERT_FIELD, GPT_FIELD, MLM_FIELD
 
 log = logging.getLogger(__name__)
@@ -31,10 +34,11 @@ class ShardReadError(RuntimeError):
 
 
 class CountingHandler:
-    """A webdataset exception handler that counts and skips (``fail``: raises).
+    """An error handler that counts and skips (``fail``: raises): damaged regions of a tar stream, members that
+    do not decode, shards that end early.
 
-    webdataset's ``warn_and_continue`` sleeps half a second per error, which turns a damaged shard of many
-    bad members into minutes of stall, and its default handler re-raises.
+    (webdataset's ``warn_and_continue`` sleeps half a second per error, which turns a damaged shard of many
+    bad members into minutes of stall, and its default handler re-raises.)
     """
 
     def __init__(self, fail: bool):
@@ -112,12 +116,13 @@ class SliceReader:
             url = self.shards[seg.shard].path
             # Readers skip to the segment's start by reading through the tar (a stream has no index); the
             # samples skipped are never decoded.
-            source = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self.handler))
-            stream = iter(source)
-            seen = 0
+            stream = tar_samples(url, self.handler)
+            last = -1
             try:
-                for raw in stream:
-                    ordinal, seen = seen, seen + 1
+                for ordinal, raw in stream:
+                    last = ordinal
+                    if ordinal >= seg.stop:
+                        break
                     if ordinal >= seg.start:
                         try:
                             sample = self.decoder(raw)
@@ -125,16 +130,14 @@ class SliceReader:
                             self.handler(ValueError(f"{exc} @ {url}"))
                         else:
                             yield seg.position + ordinal - seg.start, sample
-                    if seen >= seg.stop:
+                    if ordinal + 1 >= seg.stop:
                         break
             finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
-            if seen < seg.stop:
-                # Python's tarfile ends a stream cut at a member boundary without an error: the count is the check.
+                stream.close()
+            if last + 1 < seg.stop:
+                # A stream cut at a member boundary ends without an error: the count is the check.
                 shard = self.shards[seg.shard]
-                self.handler(ShardReadError(f"{url} ended after {seen} of the {shard.num_samples} samples listed"))
+                self.handler(ShardReadError(f"{url} ended after {last + 1} of the {shard.num_samples} samples listed"))
 
     def windows(self, plan: EpochPlan, slot: int, first_window: int) -> Iterator[tuple[int, list[Sample]]]:
         """(window index, its samples in position order) from ``first_window`` to the slot's last window.

@@ -45,6 +45,7 @@ class SuiteConfig:
     tasks: list[str] = option(
         ["spam", "movie-sentiment", "vitaminc", "social-iqa", "squad11"],
         "configs/finetune presets or fine-tuning YAML files; those whose data is not here are skipped and listed",
+        path=lambda value: value.endswith((".yaml", ".yml")),
     )
     seeds: list[int] = option([1234], "training seeds: one run per task, start and seed")
     train_examples: int = option(2400, "a seeded subset of at most this many training examples (0: all)")
@@ -72,12 +73,15 @@ class EvaluateJobConfig:
         "what to evaluate: a pre-training checkpoint or run directory, an export, or models:/NAME/VERSION, "
         "models:/NAME@ALIAS, runs:/RUN_ID/PATH",
         aliases=("--checkpoint",),
+        path=True,
     )
     baseline: Literal["none", "random"] = option(
         "none", "random: also fine-tune from random initialisation with the same budget (the gain column)",
         aliases=("--baseline",),
     )  # fmt: skip
-    output: str = option("", "directory of the report (default: runs/evaluate-<model name>)", aliases=("--output",))
+    output: str = option(
+        "", "directory of the report (default: runs/evaluate-<model name>)", aliases=("--output",), path=True
+    )
     tracking_uri: str = option(
         "",
         "the MLflow store of the registry (models:/ URIs; else MLFLOW_TRACKING_URI) and of the model's run "
@@ -101,14 +105,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def available(tasks: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The tasks whose data files exist (relative paths are the repository's), and why the others are out."""
-    from pipeline.evaluate.transfer import REPO, preset_path, task_name
+    """The tasks whose data files exist (paths resolved as `finetune` resolves them), and why the others are out."""
+    from pipeline.evaluate.transfer import preset_path, task_name
+    from pipeline.finetune.config import FinetuneJobConfig
 
     keep, skipped = [], {}
     for task in tasks:
-        data = load_yaml(preset_path(task)).get("data", {})
+        data = load_yaml(preset_path(task), FinetuneJobConfig).get("data", {})
         paths = [(data.get(split) or {}).get("path") for split in ("train", "dev")]
-        missing = [p for p in paths if p and not (REPO / p).exists()]
+        missing = [p for p in paths if p and not Path(p).exists()]
         if missing:
             skipped[task_name(task)] = f"no data here: {', '.join(missing)}"
         else:
@@ -224,7 +229,7 @@ def _log_to_mlflow(cfg: EvaluateJobConfig, source, origin: dict | None, result: 
 def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.transfer import format_table
 
-    suite = {"suite": load_yaml(args.suite)} if args.suite else None
+    suite = {"suite": load_yaml(args.suite, SuiteConfig)} if args.suite else None
     cfg = config_from_args(EvaluateJobConfig, args, extra=suite)
     summary = evaluate(cfg)
     print(format_table(summary["result"]), file=sys.stderr)

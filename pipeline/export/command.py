@@ -55,11 +55,13 @@ class ExportJobConfig:
     checkpoint: str = option(
         "",
         "a checkpoint tag directory, or a run / checkpoints directory (its newest published tag)",
+        path=True,
     )
-    output: str = option("", "the export directory to write")
+    output: str = option("", "the export directory to write", path=True)
     tokenizer: str = option(
         "",
         "the tokenizer directory (default: the one named by the training shards' manifest; must match it)",
+        path=True,
     )
     overwrite: bool = option(False, "replace an existing export directory")
     mlflow: bool = option(True, "log the export as an artifact of the checkpoint's MLflow run")
@@ -184,7 +186,8 @@ def pretraining_summary(source, weights: Path) -> dict:
     out = {"data": data, "parameters": parameters}
     # The last log line at or before the checkpoint's step: the metrics the run ended on.
     metrics_file = source.path.parent.parent / "metrics.jsonl"
-    skip = {"step", "lr", "epoch", "tokens_per_s", "samples_per_s", "skipped_nonfinite", "skipped_overflow", "mfu"}
+    skip = {"step", "lr", "epoch", "tokens_per_s", "samples_per_s", "skipped_nonfinite", "skipped_overflow", "mfu",
+            "data_read_errors", "data_samples_substituted"}  # fmt: skip
     if metrics_file.is_file():
         for line in metrics_file.read_text(encoding="utf-8").splitlines():
             record = json.loads(line) if line.strip() else {}

@@ -22,7 +22,7 @@ from pipeline.train.config import (
     TrainConfig,
 )
 
-FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "squad", "bigbench", "json_archive")
+FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "parquet", "squad", "bigbench", "json_archive")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class InitConfig:
         "MLflow Model Registry: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH (the registry: "
         "--tracking-uri, else MLFLOW_TRACKING_URI; downloaded into train.output_dir/init_model)",
         aliases=("--checkpoint",),
+        path=True,
     )
     weights: Literal["pretrained", "random"] = option(
         "pretrained",
@@ -47,11 +48,13 @@ class InitConfig:
 class SourceConfig:
     """One data file and how its records become examples."""
 
-    path: str = option("", "a file (.gz allowed); json_archive: a tar(.gz) or directory of one-record .json files")
+    path: str = option(
+        "", "a file (.gz allowed); json_archive: a tar(.gz) or directory of one-record .json files", path=True
+    )
     format: Literal[FORMATS] = option(
         "auto",
-        "jsonl, csv, tsv, parquet, squad (SQuAD v1.1/v2.0 JSON), bigbench (task.json: input + target_scores), "
-        "json_archive; auto: from the file name",
+        "json (a JSON array of records), jsonl, csv, tsv, parquet, squad (SQuAD v1.1/v2.0 JSON), bigbench "
+        "(task.json: input + target_scores), json_archive; auto: from the file name (.json: from its content)",
     )
     text_field: str = option("text", "field of the text (CSV/TSV without header: the column number)")
     text_pair_field: str = option("", "field of the second text of a pair (empty: see pair_separator)")
@@ -64,7 +67,9 @@ class SourceConfig:
     label_threshold: float | None = option(
         None, "numeric labels: value > threshold is task.labels[1], else task.labels[0] (ratings -> sentiment)"
     )
-    label_map: dict[str, str] = option({}, "raw label value -> task label (e.g. {spam-1: spam, easy-ham-1: ham})")
+    label_map: dict[str, str] = option(
+        {}, "raw label value -> task label, compared as text (e.g. {spam-1: spam, easy-ham-1: ham}, {0: negative})"
+    )
     text_format: Literal["plain", "email"] = option(
         "plain", "email: the text is a raw mail; keep the Subject and the decoded text of the body (HTML stripped)"
     )
@@ -185,7 +190,9 @@ class FinetuneJobConfig:
     task: TaskConfig = section(TaskConfig)
     data: DataConfig = section(DataConfig)
     tokenizer: str = option(
-        "", "tokenizer directory (default: the checkpoint's); must be the one the checkpoint was trained with"
+        "",
+        "tokenizer directory (default: the checkpoint's); must be the one the checkpoint was trained with",
+        path=True,
     )
     finetune: FinetuneConfig = section(FinetuneConfig)
     optim: OptimConfig = section(OptimConfig)

@@ -4,8 +4,9 @@ Every record keeps where it came from (``file:line``, ``file#row``, ``file#examp
 bad record is an error that names it: a missing field, a label outside ``task.labels``, a pair without its
 separator. Fine-tuning sets are small, so everything is read into memory.
 
-Formats (``data.*.format``, or from the file name):
+Formats (``data.*.format``, or from the file name; a ``.json`` file from its content):
 
+- ``json``: one JSON array of objects (``[{"text": ..., "label": ...}, ...]``), fields as for ``jsonl``.
 - ``jsonl``: one object per line; ``text_field`` / ``text_pair_field`` / ``label_field`` / ``choices_field``.
 - ``csv`` / ``tsv``: with a header row (fields by name) or without (``header: false``, fields by column number).
   TSV is read without quote handling (quotes are text, as in the movie-review snippets).
@@ -78,12 +79,33 @@ def detect_format(path: Path) -> str:
         if name.endswith(suffix):
             return fmt
     if name.endswith(".json"):
-        data = _load_json(path)
+        try:
+            data = _load_json(path)
+        except UserError:
+            if _first_line_is_object(path):  # JSON Lines under a .json name
+                return "jsonl"
+            raise
+        if isinstance(data, list):
+            return "json"
         if isinstance(data, dict) and "examples" in data:
             return "bigbench"
         if isinstance(data, dict) and "data" in data:
             return "squad"
+        what = f"an object with keys {', '.join(map(repr, list(data)[:8]))}" if isinstance(data, dict) else "a value"
+        raise UserError(
+            f"{path}: holds {what}, not a JSON array of records, a BIG-bench task (examples) or SQuAD (data); "
+            "set data.train.format / data.dev.format"
+        )
     raise UserError(f"{path}: cannot tell the format from the name; set data.train.format / data.dev.format")
+
+
+def _first_line_is_object(path: Path) -> bool:
+    with _open_text(path) as fh:
+        first = next((line for line in fh if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _open_text(path: Path):
@@ -105,7 +127,9 @@ def read_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
     if not path.exists():
         raise UserError(f"{src.path}: no such data file")
     fmt = src.format if src.format != "auto" else detect_format(path)
-    if fmt == "jsonl":
+    if fmt == "json":
+        yield from _json_array_records(path)
+    elif fmt == "jsonl":
         with _open_text(path) as fh:
             for line_no, line in enumerate(fh, 1):
                 if not line.strip():
@@ -113,7 +137,13 @@ def read_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+                    hint = " (one JSON array of records is format json)" if line.lstrip().startswith("[") else ""
+                    raise UserError(f"{path}:{line_no}: invalid JSON ({exc.msg}){hint}") from None
+                if not isinstance(record, dict):
+                    hint = "; a file holding one JSON array of records is format json" if line_no == 1 else ""
+                    raise UserError(
+                        f"{path}:{line_no}: a record must be a JSON object, got a {type(record).__name__}{hint}"
+                    )
                 yield f"{path}:{line_no}", record
     elif fmt in ("csv", "tsv"):
         with _open_text(path) as fh:
@@ -150,6 +180,38 @@ def read_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
         raise AssertionError(fmt)
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """The objects of a file holding one JSON array, each with the line it starts on (``file:line``)."""
+    with _open_text(path) as fh:
+        text = fh.read()
+    decoder = json.JSONDecoder()
+    at = _JSON_SPACE.match(text, 0).end()
+    if text[at : at + 1] != "[":
+        found = {"{": "an object", "": "nothing"}.get(text[at : at + 1], "a value")
+        raise UserError(f"{path}: format json is one JSON array of records ([{{...}}, ...]); the file holds {found}")
+    line, counted = 1, 0
+    at = _JSON_SPACE.match(text, at + 1).end()
+    while text[at : at + 1] != "]":
+        line += text.count("\n", counted, at)  # the line the record starts on
+        counted = at
+        try:
+            record, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{line}: a record must be a JSON object, got a {type(record).__name__}")
+        yield f"{path}:{line}", record
+        at = _JSON_SPACE.match(text, end).end()
+        if text[at : at + 1] == ",":
+            at = _JSON_SPACE.match(text, at + 1).end()
+        elif text[at : at + 1] != "]":
+            where = text.count("\n", 0, at) + 1
+            raise UserError(f"{path}:{where}: invalid JSON (expected ',' or ']' after a record)")
+
+
 def _archive_records(path: Path) -> Iterator[tuple[str, dict]]:
     if path.is_dir():
         for member in sorted(path.rglob("*.json")):
@@ -173,8 +235,10 @@ def _archive_records(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _field(record: dict, name: str, where: str, what: str):
-    if name not in record or record[name] is None:
+    if name not in record:
         raise UserError(f"{where}: no {what} field {name!r} (fields: {', '.join(map(str, record))})")
+    if record[name] is None:
+        raise UserError(f"{where}: null {what} (field {name!r} is null)")
     return record[name]
 
 
@@ -238,7 +302,9 @@ def _label(record: dict, where: str, src: SourceConfig, labels: list[str]) -> in
             raw = labels[1] if float(raw) > src.label_threshold else labels[0]
         except (TypeError, ValueError):
             raise UserError(f"{where}: label {raw!r} is not a number (data.*.label_threshold is set)") from None
-    raw = str(raw)
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)  # JSON 1.0 and YAML / CSV "1" name the same class
+    raw = str(raw)  # label_map keys and task.labels are text: JSON 0 and true match "0" and "True"
     raw = src.label_map.get(raw, raw)
     if raw not in labels:
         raise UserError(f"{where}: label {raw!r} is not one of task.labels {labels}")

@@ -24,7 +24,9 @@ class ShardDataConfig:
     objective: Literal["bert", "gpt"] = option(
         "bert", "bert: sentence pairs with NSP labels; gpt: packed token blocks", aliases=("--objective",)
     )
-    tokenizer: str = option("", "tokenizer directory (from `python -m pipeline tokenizer`)", aliases=("--tokenizer",))
+    tokenizer: str = option(
+        "", "tokenizer directory (from `python -m pipeline tokenizer`)", aliases=("--tokenizer",), path=True
+    )
     seq_len: int = option(128, "maximum tokens per sample, special tokens included", aliases=("--seq-len",))
     seed: int = option(12345, "seed of every random choice (per work unit)", aliases=("--seed",))
     short_seq_prob: float = option(0.1, "BERT: probability of a shorter target length for a document's chunks")
@@ -78,7 +80,7 @@ class ShardDataConfig:
 class ShardOutputConfig:
     """Where shards go and how big they are."""
 
-    dir: str = option("", "output directory for shards and manifest.json", aliases=("--output",))
+    dir: str = option("", "output directory for shards and manifest.json", aliases=("--output",), path=True)
     samples_per_shard: int = option(10000, "maximum samples per .tar shard (a unit's samples may span shards)")
     overwrite: bool = option(
         False, "replace output written with a different config (otherwise refused)", aliases=("--overwrite",)

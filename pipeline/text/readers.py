@@ -42,7 +42,7 @@ MAX_LISTED_PER_FILE = 5  # detail lines kept per file in the report; the counts 
 class InputConfig:
     """Where the raw documents are and how to read them."""
 
-    paths: list[str] = option([], "input files, directories and globs (mixed)", aliases=("--input",))
+    paths: list[str] = option([], "input files, directories and globs (mixed)", aliases=("--input",), path=True)
     txt_documents: Literal["file", "blank_lines"] = option(
         "file", "a .txt file is one document (file) or holds documents separated by blank lines (blank_lines)"
     )

@@ -62,7 +62,9 @@ class TokenizerJobConfig:
     input: InputConfig = section(InputConfig)
     sentences: SentenceConfig = section(SentenceConfig)
     tokenizer: TokenizerTrainConfig = section(TokenizerTrainConfig)
-    output: str = option("", "output directory for spm.model, spm.vocab and tokenizer_meta.json", aliases=("--output",))
+    output: str = option(
+        "", "output directory for spm.model, spm.vocab and tokenizer_meta.json", aliases=("--output",), path=True
+    )
     overwrite: bool = option(False, "replace an existing tokenizer in the output directory", aliases=("--overwrite",))
 
     def __post_init__(self) -> None:

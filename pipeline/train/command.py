@@ -108,8 +108,8 @@ def train(cfg: TrainJobConfig, stop: StopFlags) -> dict | None:
             dist.destroy_process_group()
     if info.rank != 0:
         return None
-    keys = ("step", "epoch", "samples", "tokens", "skipped_nonfinite", "skipped_overflow", "mlflow_run_id",
-            "stopped_by_signal", "checkpoint_dir")  # fmt: skip
+    keys = ("step", "epoch", "samples", "tokens", "skipped_nonfinite", "skipped_overflow", "data_read_errors",
+            "data_samples_substituted", "mlflow_run_id", "stopped_by_signal", "checkpoint_dir")  # fmt: skip
     return {k: result[k] for k in keys}
 
 

@@ -81,7 +81,7 @@ class ScheduleConfig:
 class TrainConfig:
     """The training run: batch sizes, length, precision, ZeRO, robustness, output."""
 
-    output_dir: str = option("runs/pretrain", "run directory: checkpoints, MLflow store, logs, plots")
+    output_dir: str = option("runs/pretrain", "run directory: checkpoints, MLflow store, logs, plots", path=True)
     global_batch_size: int = option(256, "samples per optimizer step over all ranks (micro x accumulation x ranks)")
     micro_batch_size: int = option(32, "samples per forward/backward on one rank")
     max_steps: int = option(1000, "optimizer steps of this run (the schedule's length)")
@@ -96,7 +96,7 @@ class TrainConfig:
         20, "stop with an error after this many consecutive steps with a NaN/inf loss (each is skipped)"
     )
     init_from: str = option(
-        "", "start from this checkpoint's weights with a fresh optimizer and schedule (BERT phase 2)"
+        "", "start from this checkpoint's weights with a fresh optimizer and schedule (BERT phase 2)", path=True
     )
     loss_curve: bool = option(True, "write loss_curve.png in the run directory at the end")
 
@@ -116,7 +116,11 @@ class CheckpointConfig:
     every_steps: int = option(500, "save every N optimizer steps (0 = only by time and at the end)")
     every_minutes: float = option(30.0, "also save when this many minutes passed since the last save (0 = off)")
     keep_last: int = option(3, "published checkpoints to keep (older ones are deleted)")
-    resume: str = option("auto", "auto: continue from the latest published checkpoint if any; none; or a path")
+    resume: str = option(
+        "auto",
+        "auto: continue from the latest published checkpoint if any; none; or a path",
+        path=lambda value: value not in ("auto", "none"),
+    )
     universal: bool = option(
         False, "load through DeepSpeed's universal format (set automatically when the world size changed)"
     )
@@ -145,7 +149,7 @@ class TrackingConfig:
 class DeepSpeedSection:
     """The DeepSpeed JSON the engine starts from; this config's values override its batch/ZeRO/precision keys."""
 
-    config: str = option("configs/deepspeed/zero1.json", "DeepSpeed JSON config file")
+    config: str = option("configs/deepspeed/zero1.json", "DeepSpeed JSON config file", path=True)
 
 
 @dataclass
@@ -174,6 +178,7 @@ class TrainJobConfig:
         "",
         "the tokenizer you will fine-tune with; checked against the shards' (default: the shards' own)",
         aliases=("--tokenizer",),
+        path=True,
     )
     optim: OptimConfig = section(OptimConfig)
     schedule: ScheduleConfig = section(ScheduleConfig)

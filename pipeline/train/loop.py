@@ -42,6 +42,8 @@ class StepOutput:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"mlm_loss": ..., "mlm_correct": ...}
     tokens: int = 0  # real (non-padding) tokens of this micro-batch, counted on the host (throughput, MFU)
     samples: int | None = None  # sequences of this micro-batch when they are not its rows (packed batches)
+    # Damage the loader met since the previous micro-batch (this rank): read errors, samples substituted.
+    data_damage: tuple[int, int] = (0, 0)
 
 
 # Batches come from the loaders on the CPU. What the step needs to know about a batch's shape (real tokens,
@@ -226,7 +228,7 @@ def run_training(
                 engine.backward(output.loss)
                 engine.step()  # DeepSpeed updates the weights after the last micro-batch of the step
                 samples = output.samples if output.samples is not None else len(next(iter(batch.values())))
-                sums.add(output.loss, output.sums, output.tokens, samples)
+                sums.add(output.loss, output.sums, output.tokens, samples, output.data_damage)
             state.step += 1
             step = sums.finish_step(save_by_time=saves.due_by_time(), stop=stop.requested)  # the step's one sync
 
@@ -235,6 +237,8 @@ def run_training(
             skipped = skips.update(state, step.nonfinite, applied)  # raises after too many NaN steps in a row
             state.tokens += step.tokens
             state.samples += step.samples
+            state.data_read_errors += step.read_errors
+            state.data_samples_substituted += step.samples_substituted
             metrics.log_step(state, step.loss, lr, skipped, sums, engine, optimizer)
             improved = evals.run(task, engine, state, tracker)
             if saves.due(state.step, step.flags["save_by_time"], improved, step.flags["stop"]):

@@ -61,6 +61,8 @@ class StepTotals:
     nonfinite: bool
     tokens: int
     samples: int
+    read_errors: int  # data damage met in the step (loaders' counts)
+    samples_substituted: int
     flags: dict[str, bool]
 
 
@@ -73,16 +75,19 @@ class StepSums:
     """
 
     # Slots of the per-step vector; flags the ranks must agree on follow them.
-    LOSS, NONFINITE, MICRO, TOKENS, SAMPLES = range(5)
+    LOSS, NONFINITE, MICRO, TOKENS, SAMPLES, READ_ERRORS, SUBSTITUTED = range(7)
+    FLAGS = 7
 
     def __init__(self, device: torch.device, flag_names: tuple[str, ...]):
         self.device = device
         self.flag_names = flag_names
-        self.step = torch.zeros(5 + len(flag_names), dtype=torch.float64, device=device)
+        self.step = torch.zeros(self.FLAGS + len(flag_names), dtype=torch.float64, device=device)
         self.window: dict[str, torch.Tensor | float] = {}
         self.micro = self.tokens = self.samples = 0  # known on the host: no need to ask the device
+        self.read_errors = self.substituted = 0
 
-    def add(self, loss: torch.Tensor, sums: dict[str, torch.Tensor], tokens: int, samples: int) -> None:
+    def add(self, loss: torch.Tensor, sums: dict[str, torch.Tensor], tokens: int, samples: int,
+            data_damage: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
         loss = loss.detach().to(torch.float64)
         self.step.select(0, self.LOSS).add_(loss)
         self.step.select(0, self.NONFINITE).add_(~torch.isfinite(loss))
@@ -98,6 +103,8 @@ class StepSums:
         self.micro += 1
         self.tokens += tokens
         self.samples += samples
+        self.read_errors += data_damage[0]
+        self.substituted += data_damage[1]
 
     def finish_step(self, **flags: bool) -> StepTotals:
         """All ranks' sums of the step, and each flag raised on any rank: one collective, one host sync."""
@@ -106,18 +113,23 @@ class StepSums:
         vec.select(0, self.MICRO).fill_(self.micro)
         vec.select(0, self.TOKENS).fill_(self.tokens)
         vec.select(0, self.SAMPLES).fill_(self.samples)
+        vec.select(0, self.READ_ERRORS).fill_(self.read_errors)
+        vec.select(0, self.SUBSTITUTED).fill_(self.substituted)
         for i, name in enumerate(self.flag_names):
-            vec.select(0, 5 + i).fill_(1.0 if flags[name] else 0.0)
+            vec.select(0, self.FLAGS + i).fill_(1.0 if flags[name] else 0.0)
         values = all_reduce_sum(vec).tolist()  # the step's one device-to-host read
         vec.zero_()
         self.micro = self.tokens = self.samples = 0
+        self.read_errors = self.substituted = 0
         nonfinite = values[self.NONFINITE] > 0
         return StepTotals(
             loss=float("nan") if nonfinite else values[self.LOSS] / max(values[self.MICRO], 1),
             nonfinite=nonfinite,
             tokens=int(values[self.TOKENS]),
             samples=int(values[self.SAMPLES]),
-            flags={name: values[5 + i] > 0 for i, name in enumerate(self.flag_names)},
+            read_errors=int(values[self.READ_ERRORS]),
+            samples_substituted=int(values[self.SUBSTITUTED]),
+            flags={name: values[self.FLAGS + i] > 0 for i, name in enumerate(self.flag_names)},
         )
 
     def finish_window(self) -> dict[str, float]:
@@ -180,6 +192,9 @@ class MetricsLog:
                 samples_per_s=(state.samples - samples0) / elapsed,
                 skipped_nonfinite=state.skipped_nonfinite,
                 skipped_overflow=state.skipped_overflow,
+                # damaged data met so far, all ranks: counted, and in every record, not only in WARNING lines
+                data_read_errors=state.data_read_errors,
+                data_samples_substituted=state.data_samples_substituted,
             )
             if self.precision == "fp16":
                 record["loss_scale"] = float(getattr(optimizer, "cur_scale", float("nan")))

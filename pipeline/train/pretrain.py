@@ -36,6 +36,7 @@ class PretrainTask:
         self.objective = model_cfg.arch
         self.name = f"pretrain-{self.objective}"
         self.batches_per_epoch = loader.batches_per_epoch
+        self._damage_reported = (0, 0)  # the loader's counts already handed to the loop
 
     def build_model(self) -> nn.Module:
         return build_model(self.model_cfg)
@@ -84,7 +85,16 @@ class PretrainTask:
                         max_labels_per_row=max_labels)  # fmt: skip
             sums = {"lm_loss_sum": out.loss.detach() * out.count, "lm_correct": out.correct, "lm_count": out.count}
             loss = out.loss
-        return StepOutput(loss=loss, sums=sums, tokens=tokens, samples=len(batch["nsp_labels"]) if packed else None)
+        return StepOutput(loss=loss, sums=sums, tokens=tokens, samples=len(batch["nsp_labels"]) if packed else None,
+                          data_damage=self._new_damage())  # fmt: skip
+
+    def _new_damage(self) -> tuple[int, int]:
+        """Read errors and substituted samples the loader met since the previous micro-batch (this rank)."""
+        stats = self.loader.stats
+        now = (stats["read_errors"], stats["samples_substituted"])
+        new = (now[0] - self._damage_reported[0], now[1] - self._damage_reported[1])
+        self._damage_reported = now
+        return new
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         def ratio(a: str, b: str) -> float | None:

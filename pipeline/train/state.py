@@ -41,6 +41,10 @@ class TrainState:
     tokens: int = 0  # global tokens consumed
     skipped_nonfinite: int = 0
     skipped_overflow: int = 0
+    # Damage met while reading the data, all ranks together (pre-training shards; 0 otherwise): damaged regions,
+    # members that did not decode and shards that ended early; samples repeated in place of unreadable ones.
+    data_read_errors: int = 0
+    data_samples_substituted: int = 0
     mlflow_run_id: str | None = None
     best_metric: float | None = None
 
