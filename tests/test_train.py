@@ -120,6 +120,34 @@ def test_killed_run_resumes_to_the_same_losses_and_logs_each_step_once(reference
     assert_same_losses(logged, {step: losses(ref)[step] for step in (5, 10, 15, 16)})
 
 
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_closed_by_the_next_start(bert_shards, tmp_path, process_group):
+    """kill -9 before any checkpoint: nothing can continue that attempt's MLflow run, so the next start (from
+    step 0, in a new run) marks it FAILED and names its successor, rather than leaving it RUNNING for ever."""
+    out = tmp_path / "run"
+    args = train_args(bert_shards, out, "--train.max_steps", "8", "--checkpoint.every_steps", "0",
+                      "--tracking.system_metrics", "false", "--train.loss_curve", "false")  # fmt: skip
+    proc = start_train(args, tmp_path / "first.log")
+    wait_for(out / "metrics.jsonl", proc)
+    while max([r["step"] for r in records(out)], default=0) < 6:  # MLflow holds step 5 (log_every 5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.02)
+    kill_group(proc)
+    resumed = run_cli_in_process(*args, env=process_group.env)
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 8
+    assert [r["step"] for r in records(out)] == list(range(1, 9))  # started over: each step once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("debug").experiment_id])
+    new = client.get_run(summary["mlflow_run_id"])
+    (old,) = [run for run in runs if run.info.run_id != new.info.run_id]
+    assert old.info.status == "FAILED", old.info.status
+    assert old.data.tags["pipeline.superseded_by"] == new.info.run_id
+    assert new.info.status == "FINISHED"
+
+
 def test_damaged_shards_are_counted_in_metrics_mlflow_and_the_summary(bert_shards, tmp_path, process_group):
     """4 KiB of garbage in each shard: training goes on, and what was lost is in every sink, not only in logs."""
     import random

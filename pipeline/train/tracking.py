@@ -8,6 +8,7 @@ checkpoint, which the resumed job takes again): each step appears once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 from pipeline.config import flatten, to_dict
 
 log = logging.getLogger(__name__)
+
+STARTED_RUN = "mlflow_run.json"  # tracking URI and id of the MLflow run this output directory's last fresh start opened
 
 # An unreachable server must cost seconds, not the minutes of MLflow's default retry policy.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -94,6 +97,23 @@ class Tracker:
             self._mlflow = None
         return self.run_id
 
+    def close_abandoned(self, run_id: str) -> None:
+        """End ``run_id`` as FAILED if it is still RUNNING: an attempt that died (kill -9, a node lost) before its
+        first checkpoint, so that nothing can continue it. Without this it stays RUNNING in the UI for ever."""
+        if self._mlflow is None or run_id == self.run_id:
+            return
+
+        def close():
+            client = self._mlflow.MlflowClient()
+            if client.get_run(run_id).info.status != "RUNNING":
+                return
+            client.set_tag(run_id, "pipeline.superseded_by", self.run_id)
+            client.set_terminated(run_id, status="FAILED")
+            log.info("MLflow run %s (died before its first checkpoint) marked FAILED; %s starts over", run_id,
+                     self.run_id)  # fmt: skip
+
+        self._safe("close_abandoned", close)
+
     def _last_logged_steps(self) -> dict[str, int]:
         client = self._mlflow.MlflowClient()
         out = {}
@@ -158,6 +178,19 @@ def start_tracking(cfg, out: Path, rank: int, run_id: str | None, *, first_step:
     uri = cfg.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
     tags = {"git_commit": git_commit(), "torch": torch.__version__, "deepspeed": deepspeed.__version__, **tags}
     tracker.start(uri, cfg.experiment, cfg.run_name or out.name, run_id, out / "mlartifacts", cfg.system_metrics, tags)
+    # A checkpoint names the run a restart continues; until the first one exists, this file does, so that a
+    # start after a crash before it can close the run that attempt left RUNNING.
+    started = out / STARTED_RUN
+    if run_id is None and tracker.run_id is not None:
+        try:
+            previous = json.loads(started.read_text())
+        except (OSError, ValueError):  # none yet, or torn by a kill
+            previous = {}
+        if isinstance(previous, dict) and previous.get("tracking_uri") == uri and previous.get("run_id"):
+            tracker.close_abandoned(str(previous["run_id"]))
+        tmp = started.with_name(started.name + ".tmp")
+        tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": tracker.run_id}) + "\n")
+        os.replace(tmp, started)
     if first_step:
         tracker.log_params(to_dict(full_config))
         for path in artifacts:
