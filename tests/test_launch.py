@@ -270,3 +270,32 @@ def test_shard_and_merge_tasks():
     assert "array task 1 of 2" in out.stderr
     out = launch("slurm/merge.sbatch", "--dry-run", "some/dir").stdout
     assert shlex.split(out)[1:] == ["-m", "pipeline", "merge", "some/dir"]
+
+
+def test_a_user_error_of_a_rank_off_the_console_is_shown_once(tmp_path, capsys):
+    """torchrun.sh shows local rank 0 only (--tee 3 --local-ranks-filter 0). When another rank fails the check
+    first, torchrun kills rank 0 before it prints the message (seen in a slow-tier run: "(an error to fix, shown
+    above)" with nothing above): the launcher then prints the failing rank's last lines from its log file."""
+    from types import SimpleNamespace
+
+    from pipeline.train.torchrun import _show_hidden_errors
+
+    rank_dir = tmp_path / "attempt_0" / "1"
+    rank_dir.mkdir(parents=True)
+    (rank_dir / "stderr.log").write_text("loading\nerror: deepspeed.config: missing.json not found\n")
+    failures = {
+        1: SimpleNamespace(exitcode=2, local_rank=1, error_file=str(rank_dir / "error.json")),
+        0: SimpleNamespace(exitcode=-15, local_rank=0, error_file=str(tmp_path / "attempt_0/0/error.json")),
+    }
+    args = ["--nproc-per-node", "2", "--tee", "3", "--local-ranks-filter", "0", "-m", "pipeline", "train"]
+    _show_hidden_errors(failures, args)
+    assert capsys.readouterr().err.count("error: deepspeed.config: missing.json not found") == 1
+    # Rank 0 on the console failed the same way: its message is there already, nothing is repeated.
+    _show_hidden_errors({**failures, 0: SimpleNamespace(exitcode=2, local_rank=0, error_file="")}, args)
+    # Every rank on the console (no --tee, or no filter): nothing to add.
+    _show_hidden_errors(failures, ["--nproc-per-node", "2", "-m", "pipeline", "train"])
+    _show_hidden_errors(failures, ["--tee", "3", "-m", "pipeline", "train"])
+    assert capsys.readouterr().err == ""
+    # --redirects without --tee: no rank on the console.
+    _show_hidden_errors(failures, ["--redirects=3", "-m", "pipeline", "train"])
+    assert "missing.json not found" in capsys.readouterr().err

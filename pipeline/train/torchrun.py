@@ -12,12 +12,45 @@ Everything else is torchrun's own ``main``; only the elastic agent's check of it
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 USER_ERROR = 2  # pipeline.cli's exit status for ConfigError / UserError (and argparse's for bad arguments)
 
 
 def _user_error_ranks(failures: dict) -> list[int]:
     return sorted(rank for rank, failure in failures.items() if getattr(failure, "exitcode", None) == USER_ERROR)
+
+
+def _console_ranks(argv: list[str]) -> set[int] | None:
+    """The local ranks whose output torchrun shows on the console (None: all of them), from its arguments."""
+
+    def value(name: str) -> str | None:
+        for i, arg in enumerate(argv):
+            for spelling in (name, name.replace("-", "_")):
+                if arg == spelling and i + 1 < len(argv):
+                    return argv[i + 1]
+                if arg.startswith(spelling + "="):
+                    return arg.split("=", 1)[1]
+        return None
+
+    if value("--tee") is None:  # the output of every rank on the console, or (--redirects) of none
+        return None if value("--redirects") is None else set()
+    ranks = value("--local-ranks-filter")
+    return {int(r) for r in ranks.split(",") if r.strip()} if ranks else None
+
+
+def _show_hidden_errors(failures: dict, argv: list[str]) -> None:
+    """A user error printed by a rank whose output went only to its log file (``--local-ranks-filter``): its last
+    lines on the console, unless a rank on the console failed the same way (its message is there already)."""
+    shown = _console_ranks(argv)
+    failed = [failures[rank] for rank in _user_error_ranks(failures)]
+    if shown is None or any(f.local_rank in shown for f in failed):
+        return
+    for failure in failed[:1]:  # the same check failed on every rank: once is enough
+        log_file = Path(failure.error_file).parent / "stderr.log" if failure.error_file else None
+        if log_file is not None and log_file.is_file():
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-20:]
+            print(f"torchrun: local rank {failure.local_rank} ({log_file}):", *tail, sep="\n  ", file=sys.stderr)
 
 
 def _no_restart_after_user_error() -> None:
@@ -46,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = _user_error_ranks(exc.failures)
         if not ranks:
             raise
+        _show_hidden_errors(exc.failures, sys.argv[1:] if argv is None else argv)
         print(f"torchrun: rank {', '.join(map(str, ranks))} exited with status {USER_ERROR} (an error to fix, shown "
               "above): not restarted", file=sys.stderr)  # fmt: skip
         return USER_ERROR
