@@ -21,30 +21,35 @@ def _user_error_ranks(failures: dict) -> list[int]:
     return sorted(rank for rank, failure in failures.items() if getattr(failure, "exitcode", None) == USER_ERROR)
 
 
-def _console_ranks(argv: list[str]) -> set[int] | None:
-    """The local ranks whose output torchrun shows on the console (None: all of them), from its arguments."""
+def _stderr_on_console(argv: list[str]):
+    """For a local rank, whether torchrun shows its stderr on the console: read with torchrun's own parser from
+    its arguments (and PET_* variables), as its ``--tee`` / ``--redirects`` (a stream or a per-rank mapping) and
+    ``--local-ranks-filter`` (which filters teed output) mean it."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import Std
 
-    def value(name: str) -> str | None:
-        for i, arg in enumerate(argv):
-            for spelling in (name, name.replace("-", "_")):
-                if arg == spelling and i + 1 < len(argv):
-                    return argv[i + 1]
-                if arg.startswith(spelling + "="):
-                    return arg.split("=", 1)[1]
-        return None
+    args = torchrun.parse_args(argv)
+    tee, redirects = Std.from_str(args.tee), Std.from_str(args.redirects)
+    shown = {int(r) for r in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None
 
-    if value("--tee") is None:  # the output of every rank on the console, or (--redirects) of none
-        return None if value("--redirects") is None else set()
-    ranks = value("--local-ranks-filter")
-    return {int(r) for r in ranks.split(",") if r.strip()} if ranks else None
+    def has_stderr(std, local_rank: int) -> bool:
+        std = std.get(local_rank, Std.NONE) if isinstance(std, dict) else std
+        return bool(std.value & Std.ERR.value)
+
+    def on_console(local_rank: int) -> bool:
+        if has_stderr(tee, local_rank):
+            return shown is None or local_rank in shown
+        return not has_stderr(redirects, local_rank)
+
+    return on_console
 
 
 def _show_hidden_errors(failures: dict, argv: list[str]) -> None:
     """A user error printed by a rank whose output went only to its log file (``--local-ranks-filter``): its last
     lines on the console, unless a rank on the console failed the same way (its message is there already)."""
-    shown = _console_ranks(argv)
+    on_console = _stderr_on_console(argv)
     failed = [failures[rank] for rank in _user_error_ranks(failures)]
-    if shown is None or any(f.local_rank in shown for f in failed):
+    if any(on_console(f.local_rank) for f in failed):
         return
     for failure in failed[:1]:  # the same check failed on every rank: once is enough
         log_file = Path(failure.error_file).parent / "stderr.log" if failure.error_file else None

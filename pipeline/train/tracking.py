@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import flatten, to_dict
+from pipeline.preprocess.records import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,7 @@ def start_tracking(cfg, out: Path, rank: int, run_id: str | None, *, first_step:
             previous = {}
         if isinstance(previous, dict) and previous.get("tracking_uri") == uri and previous.get("run_id"):
             tracker.close_abandoned(str(previous["run_id"]))
-        tmp = started.with_name(started.name + ".tmp")
-        tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": tracker.run_id}) + "\n")
-        os.replace(tmp, started)
+        write_json_atomic(started, {"tracking_uri": uri, "run_id": tracker.run_id})
     if first_step:
         tracker.log_params(to_dict(full_config))
         for path in artifacts:
