@@ -4,9 +4,11 @@
 BERT and GPT starts therefore come from separate runs. This reads their JSON lines (files, or `-` for stdin)
 and prints, per task and metric, every start with its random baseline, the gain, the ratio of dev errors
 (start / random: below 1 is fewer mistakes) and the seeds won, as Markdown (the README's table) and, with
---json, as one JSON line.
+--json, as one JSON line. --plot draws the gain over random against the number of labelled examples (one
+line per task and start, every seed a dot): the picture of where pre-training stops paying as labels grow.
 
 usage: python benchmarks/transfer_table.py RESULT.json [RESULT.json ...] [--label FILE=NAME ...] [--json]
+       [--plot PNG [--metric accuracy]]
 """
 
 from __future__ import annotations
@@ -54,14 +56,61 @@ def rows(result: dict, label: str) -> list[dict]:
     return out
 
 
+def gain_curves(results: list[tuple[dict, str]], metric: str) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """(task, start) -> labelled examples -> the per-seed gains over random in ``metric``. A run over all
+    examples (budget 0) is placed at the count its runs report."""
+    curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for result, label in results:
+        for task, t in result["tasks"].items():
+            runs = [r for rs in t.get("runs", {}).values() for r in rs]
+            examples = result["budget"]["train_examples"] or next((r["train_examples"] for r in runs
+                                                                   if r.get("train_examples")), 0)  # fmt: skip
+            for start, per_seed in t.get("gain_per_seed", {}).items():
+                gains = [g[metric] for g in per_seed if metric in g]
+                if gains and examples:
+                    curves.setdefault((task, f"{label}{start}"), {}).setdefault(int(examples), []).extend(gains)
+    return curves
+
+
+def plot_gains(curves: dict[tuple[str, str], dict[int, list[float]]], path: str, metric: str) -> None:
+    """The gain over random against labelled examples: per task and start, the mean (line), each seed (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (task, start), points in sorted(curves.items()):
+        xs = sorted(points)
+        line = ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"{task}, {start}")[0]
+        for x in xs:
+            ax.scatter([x] * len(points[x]), points[x], s=12, color=line.get_color(), alpha=0.5)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training examples")
+    ax.set_ylabel(f"{metric}: start - random (dots: seeds)")
+    ax.set_title("What pre-training buys, by the number of labels")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="files holding transfer.py's JSON line (- for stdin)")
     parser.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
                         help="prefix the starts of FILE with NAME (e.g. bert-)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the Markdown table")
+    parser.add_argument("--plot", default="", metavar="PNG", help="also draw the gain against labelled examples")
+    parser.add_argument("--metric", default="accuracy", help="the metric --plot draws (default: accuracy)")
     args = parser.parse_args()
     labels = dict(item.split("=", 1) for item in args.label)
+    if args.plot:
+        curves = gain_curves([(load(path), labels.get(path, "")) for path in args.results], args.metric)
+        if not curves:
+            raise SystemExit(f"--plot: these results hold no per-seed gains in {args.metric!r}")
+        plot_gains(curves, args.plot, args.metric)
     table = [row for path in args.results for row in rows(load(path), labels.get(path, ""))]
     if args.json:
         print(json.dumps({"benchmark": "transfer_table", "rows": table}))

@@ -100,6 +100,7 @@ def finetune_run(task: str, checkpoint: str, weights: str, seed: int, budget: Bu
         "best_step": best["step"],
         "final": {k: round(final[k], 4) for k in METRICS if k in final},
         "steps": report["steps"],
+        "train_examples": report.get("train_examples"),
         "task_kind": report.get("task"),
         "seconds": round(time.time() - t0, 1),
     }
