@@ -6,8 +6,10 @@ fine-tuning YAML works: classification, pair classification, multiple choice, SQ
 (--checkpoint, or one or more --start NAME=DIR, where DIR may hold {task} for a per-task checkpoint such as a
 task-adapted one) and "random" (the first start's architecture and tokenizer, freshly initialised). Same
 examples (seeded subsets), steps, learning rate and batch; the seed (train.seed) changes the head's
-initialisation, dropout and batch order of every run alike. One run after the other on the same machine.
-Scores are the dev-set scores of the best evaluation (what the kept checkpoint scores).
+initialisation, dropout and batch order of every run alike, and with --subset-per-seed also which training
+examples are drawn (data.subset_seed; the dev set stays the one a task-adapted pre-training held out). One
+run after the other on the same machine. Scores are the dev-set scores of the best evaluation (what the kept
+checkpoint scores).
 
 Prints one JSON line: per task, per start, the per-seed scores and their mean, and the gain over random
 (pretrained - random, per seed and mean) in the metrics the task reports (accuracy and macro F1 for
@@ -18,7 +20,8 @@ pipeline/evaluate/transfer.py, which `python -m pipeline evaluate` shares.
 
 usage: python benchmarks/transfer.py --checkpoint runs/demo-pretrain [--tasks spam,movie-sentiment]
        [--start NAME=DIR ...] [--seeds 1234,1,2] [--train-examples 2400] [--dev-examples 1000]
-       [--epochs 3] [--lr 5e-4] [--keep DIR] [--table] [-- finetune overrides]   (0 examples: all of them)
+       [--epochs 3] [--lr 5e-4] [--subset-per-seed] [--keep DIR] [--table] [-- finetune overrides]
+       (0 examples: all of them)
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def main() -> None:
     parser.add_argument("--dev-examples", type=int, default=1000)
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--subset-per-seed", action="store_true",
+        help="each seed also draws its own training subset (data.subset_seed; the dev set stays)",
+    )  # fmt: skip
     parser.add_argument("--keep", default="", help="keep the runs in this directory (default: a temporary one)")
     parser.add_argument("--table", action="store_true", help="also print a readable table (stderr)")
     parser.add_argument("--progress", action="store_true", help="a line per finished run (stderr)")
@@ -74,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     starts = parse_starts(args)
     budget = Budget(train_examples=args.train_examples, dev_examples=args.dev_examples, epochs=args.epochs,
-                    lr=args.lr, seeds=[int(x) for x in args.seeds.split(",") if x], overrides=args.extra)  # fmt: skip
+                    lr=args.lr, seeds=[int(x) for x in args.seeds.split(",") if x], overrides=args.extra,
+                    subset_per_seed=args.subset_per_seed)  # fmt: skip
     tasks = [t for t in args.tasks.split(",") if t]
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="transfer-"))

@@ -45,6 +45,24 @@ def test_movie_training_texts_without_the_dev_split(data, tmp_path, capsys):
     assert not ignored and docs == texts
 
 
+def test_another_subset_seed_draws_other_training_examples_from_the_same_split(data, tmp_path):
+    """data.subset_seed moves only the max_train_examples draw: the dev set, and so what a task-adapted
+    pre-training held out, stays; data.seed would move the hold-out too."""
+    tsv = movie_tsv(data, tmp_path / "movies.tsv", 300)
+
+    def split(**extra):
+        over = {"data.train.path": str(tsv), "data.max_train_examples": 100, **extra}
+        train, dev = _split(build_config(FinetuneJobConfig, "configs/finetune/movie-sentiment.yaml", over))
+        return [e.text for e in train], [e.text for e in dev]
+
+    (train, dev), (same, same_dev) = split(), split(**{"data.subset_seed": 1234})  # default: data.seed
+    other, other_dev = split(**{"data.subset_seed": 1})
+    held_out = set(split(**{"data.max_train_examples": 0})[0])
+    assert (same, same_dev) == (train, dev) and other_dev == dev and len(other) == 100
+    assert set(other) != set(train) and set(other) <= held_out  # another draw, still from the training split
+    assert split(**{"data.seed": 1})[1] != dev
+
+
 def test_pairs_give_both_texts_once(data, tmp_path, capsys):
     path = bigbench_slice(data, "vitaminc_task.json.gz", tmp_path / "vitaminc.json", 200)
     out = tmp_path / "vitaminc.jsonl"

@@ -46,10 +46,13 @@ class Budget:
     seeds: list[int] = field(default_factory=lambda: [1234])
     overrides: list[str] = field(default_factory=list)  # more `finetune` arguments, for every run
     task_overrides: dict[str, list[str]] = field(default_factory=dict)  # and for one task's runs
+    subset_per_seed: bool = False  # each seed draws its own training subset (data.subset_seed = the seed)
 
     def as_dict(self) -> dict:
         out = {"train_examples": self.train_examples, "dev_examples": self.dev_examples, "epochs": self.epochs,
                "lr": self.lr, "seeds": self.seeds, "overrides": self.overrides}  # fmt: skip
+        if self.subset_per_seed:
+            out["subset_per_seed"] = True
         if self.task_overrides:
             out["task_overrides"] = self.task_overrides
         return out
@@ -79,6 +82,8 @@ def finetune_run(task: str, checkpoint: str, weights: str, seed: int, budget: Bu
         cmd += ["--finetune.epochs", str(budget.epochs)]
     if budget.lr is not None:
         cmd += ["--optim.lr", str(budget.lr)]
+    if budget.subset_per_seed:
+        cmd += ["--data.subset_seed", str(seed)]
     cmd += [*budget.overrides, *budget.task_overrides.get(task_name(task), [])]
     env = {**os.environ, "PIPELINE_PROGRESS": "0"}
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: never resume a kept one from an earlier call

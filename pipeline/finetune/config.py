@@ -87,6 +87,11 @@ class DataConfig:
     max_train_examples: int = option(0, "use a seeded random subset of at most this many training examples (0: all)")
     max_dev_examples: int = option(0, "evaluate on a seeded random subset of at most this many examples (0: all)")
     seed: int = option(1234, "seed of the dev hold-out and of the subsets")
+    subset_seed: int | None = option(
+        None,
+        "seed of the max_train_examples subset only (None: data.seed): another draw of the training examples "
+        "with the same dev set, so that a pre-training run that held that dev set out stays clean",
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.dev_fraction < 1:

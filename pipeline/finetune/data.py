@@ -66,7 +66,7 @@ def _split(cfg: FinetuneJobConfig) -> tuple[list, list]:
     else:
         groups = [e.article for e in train] if cfg.task.kind == "squad" else list(range(len(train)))
         train, dev = holdout(train, groups, data.dev_fraction, data.seed)
-    train = subset(train, data.max_train_examples, data.seed)
+    train = subset(train, data.max_train_examples, data.seed if data.subset_seed is None else data.subset_seed)
     dev = subset(dev, data.max_dev_examples, data.seed + 1)
     if cfg.task.kind == "squad" and cfg.task.unanswerable_fraction:
         train = emulate_unanswerable(train, cfg.task.unanswerable_fraction, data.seed + 2)
