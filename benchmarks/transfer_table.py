@@ -8,7 +8,7 @@ and prints, per task and metric, every start with its random baseline, the gain,
 line per task and start, every seed a dot): the picture of where pre-training stops paying as labels grow.
 
 usage: python benchmarks/transfer_table.py RESULT.json [RESULT.json ...] [--label FILE=NAME ...] [--json]
-       [--plot PNG [--metric accuracy]]
+       [--tasks spam,...] [--plot PNG [--metric accuracy]]
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ def load(path: str) -> dict:
     if not lines:
         raise SystemExit(f"{path}: no JSON line of benchmarks/transfer.py in it")
     return json.loads(lines[-1])
+
+
+def only_tasks(result: dict, tasks: str) -> dict:
+    """The result with only the comma-separated ``tasks`` (all of them when empty)."""
+    keep = {t for t in tasks.split(",") if t}
+    return {**result, "tasks": {k: v for k, v in result["tasks"].items() if not keep or k in keep}}
 
 
 def error_ratio(start: float, random: float, percent: bool) -> float:
@@ -102,16 +108,18 @@ def main() -> None:
     parser.add_argument("--label", action="append", default=[], metavar="FILE=NAME",
                         help="prefix the starts of FILE with NAME (e.g. bert-)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the Markdown table")
+    parser.add_argument("--tasks", default="", help="only these tasks, comma-separated (default: all)")
     parser.add_argument("--plot", default="", metavar="PNG", help="also draw the gain against labelled examples")
     parser.add_argument("--metric", default="accuracy", help="the metric --plot draws (default: accuracy)")
     args = parser.parse_args()
     labels = dict(item.split("=", 1) for item in args.label)
+    results = [(only_tasks(load(path), args.tasks), labels.get(path, "")) for path in args.results]
     if args.plot:
-        curves = gain_curves([(load(path), labels.get(path, "")) for path in args.results], args.metric)
+        curves = gain_curves(results, args.metric)
         if not curves:
             raise SystemExit(f"--plot: these results hold no per-seed gains in {args.metric!r}")
         plot_gains(curves, args.plot, args.metric)
-    table = [row for path in args.results for row in rows(load(path), labels.get(path, ""))]
+    table = [row for result, label in results for row in rows(result, label)]
     if args.json:
         print(json.dumps({"benchmark": "transfer_table", "rows": table}))
         return

@@ -90,5 +90,8 @@ def test_gains_are_placed_by_labelled_examples(tmp_path):
     curves = table.gain_curves([(_result(300, [0.02, 0.01]), ""), (_result(2400, [0.005, -0.004]), ""),
                                 (_result(0, [-0.001], run_examples=9544), "")], "accuracy")  # fmt: skip
     assert curves == {("movie-sentiment", "adapted"): {300: [0.02, 0.01], 2400: [0.005, -0.004], 9544: [-0.001]}}
+    spam = {**_result(300, [0.03]), "tasks": {"spam": _result(300, [0.03])["tasks"]["movie-sentiment"]}}
+    both = {**spam, "tasks": {**spam["tasks"], **_result(300, [0.02])["tasks"]}}
+    assert list(table.only_tasks(both, "spam")["tasks"]) == ["spam"] and table.only_tasks(both, "") == both
     table.plot_gains(curves, str(tmp_path / "curve.png"), "accuracy")
     assert (tmp_path / "curve.png").stat().st_size > 5000
