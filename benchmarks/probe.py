@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pipeline.config.core import build_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.evaluate.transfer import RANDOM, preset_path, task_name  # noqa: E402
+from pipeline.evaluate.transfer import RANDOM, named_starts, preset_path, task_name  # noqa: E402
 from pipeline.export.source import open_pretrained  # noqa: E402
 from pipeline.finetune.config import FinetuneJobConfig  # noqa: E402
 from pipeline.finetune.data import prepare  # noqa: E402
@@ -46,15 +46,9 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # weight of the squared-weight penalty per e
 
 
 def parse_starts(items: list[str]) -> dict[str, str]:
-    starts: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path or name == RANDOM or name in starts:
-            raise SystemExit(f"--start {item!r}: expected NAME=DIR, NAME unique and not 'random'")
-        starts[name] = path
-    if not starts:
+    if not items:
         raise SystemExit("give at least one --start NAME=DIR")
-    return starts
+    return named_starts(items)
 
 
 @torch.no_grad()

@@ -37,19 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.evaluate.transfer import RANDOM, Budget, compare, format_table, summarise  # noqa: E402, F401
+from pipeline.evaluate.transfer import RANDOM, Budget, compare, format_table, named_starts, summarise  # noqa: E402, F401
 
 
 def parse_starts(args: argparse.Namespace) -> dict[str, str]:
-    if not args.start:
-        return {"pretrained": args.checkpoint}
-    starts: dict[str, str] = {}
-    for item in args.start:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path or name == RANDOM or name in starts:
-            raise SystemExit(f"--start {item!r}: expected NAME=DIR, NAME unique and not 'random'")
-        starts[name] = path
-    return starts
+    return named_starts(args.start) if args.start else {"pretrained": args.checkpoint}
 
 
 def print_table(result: dict) -> None:

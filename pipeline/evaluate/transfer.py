@@ -58,6 +58,17 @@ class Budget:
         return out
 
 
+def named_starts(items: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` arguments (``--start``) -> {name: dir}, in order; names unique and never ``random``."""
+    starts: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name == RANDOM or name in starts:
+            raise SystemExit(f"--start {item!r}: expected NAME=DIR, NAME unique and not 'random'")
+        starts[name] = path
+    return starts
+
+
 def preset_path(task: str) -> Path:
     """A task is a preset name (``configs/finetune/<task>.yaml``) or a path to a fine-tuning YAML."""
     path = Path(task) if task.endswith((".yaml", ".yml")) else PRESETS / f"{task}.yaml"
