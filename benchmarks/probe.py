@@ -16,7 +16,7 @@ learned nothing the task can read linearly; one that is better here but not afte
 
 usage: python benchmarks/probe.py --start adapted=runs/transfer-bert-adapt-{task} [--start NAME=DIR ...]
        [--tasks movie-sentiment,spam] [--train-examples 2400] [--dev-examples 1000] [--table]
-       [-- --data.train.path FILE ...]   (fine-tuning config overrides, applied to every task)
+       [-- --data.train.path FILE ...]   (options of `python -m pipeline finetune`, for every task)
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline.config.core import build_config  # noqa: E402
+from pipeline.cli import _CommandParser  # noqa: E402
+from pipeline.config import add_config_arguments, build_config, overrides_from_args  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.evaluate.transfer import RANDOM, named_starts, preset_path, task_name  # noqa: E402
 from pipeline.export.source import open_pretrained  # noqa: E402
@@ -136,10 +137,11 @@ def probe_start(task: str, checkpoint: str, weights: str, args: argparse.Namespa
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
-    """``--section.field value`` pairs (after --) -> {"section.field": "value"}."""
-    if len(extra) % 2 or not all(key.startswith("--") and "." in key for key in extra[::2]):
-        raise SystemExit(f"overrides after --: expected --section.field VALUE pairs, got {' '.join(extra)!r}")
-    return {key[2:]: value for key, value in zip(extra[::2], extra[1::2], strict=True)}
+    """Fine-tuning options after -- (``--data.train.path FILE``...) -> {"data.train.path": "FILE"}, read as
+    `python -m pipeline finetune` reads them (its options, aliases and value kinds; anything else an error)."""
+    parser = _CommandParser(prog="probe.py ... --", add_help=False)  # the CLI's one-line errors and did-you-mean
+    add_config_arguments(parser, FinetuneJobConfig, with_config_file=False)
+    return overrides_from_args(parser.parse_args(extra))
 
 
 def main() -> None:

@@ -495,9 +495,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, with_con
         group.add_argument(*flags, **kwargs)
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--section.field`` values the user typed (``add_config_arguments``), as {"section.field": value}."""
+    return {key[len(_DEST_PREFIX) :].replace("__", "."): value for key, value in vars(args).items()
+            if key.startswith(_DEST_PREFIX)}  # fmt: skip
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> T:
-    overrides: dict[str, Any] = dict(extra or {})
-    for key, value in vars(args).items():
-        if key.startswith(_DEST_PREFIX):
-            overrides[key[len(_DEST_PREFIX) :].replace("__", ".")] = value
+    overrides = {**(extra or {}), **overrides_from_args(args)}
     return build_config(cls, getattr(args, "config", None), overrides)
