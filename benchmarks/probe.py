@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from pipeline.cli import _CommandParser  # noqa: E402
 from pipeline.config import add_config_arguments, build_config, overrides_from_args  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.evaluate.transfer import RANDOM, named_starts, preset_path, task_name  # noqa: E402
+from pipeline.evaluate.transfer import RANDOM, error, named_starts, preset_path, task_name  # noqa: E402
 from pipeline.export.source import open_pretrained  # noqa: E402
 from pipeline.finetune.config import FinetuneJobConfig  # noqa: E402
 from pipeline.finetune.data import prepare  # noqa: E402
@@ -107,7 +107,9 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, dev_x: torch.Tensor, dev
     return scores[best_l2], accuracy(fit_logistic(train_x, train_y, num_labels, best_l2), dev_x, dev_y)
 
 
-def probe_start(task: str, checkpoint: str, weights: str, args: argparse.Namespace) -> dict:
+def probe_checkpoint(task: str, checkpoint: str, args: argparse.Namespace, *, with_random: bool) -> dict:
+    """The probe of ``checkpoint``'s body ("pretrained") and, with ``with_random``, of the same architecture
+    freshly initialised ("random"): the checkpoint is opened and the examples encoded once for both."""
     cfg = build_config(FinetuneJobConfig, preset_path(task), {
         **args.overrides, "init.checkpoint": checkpoint, "data.max_train_examples": args.train_examples,
         "data.max_dev_examples": args.dev_examples, "train.seed": args.seed,
@@ -118,22 +120,26 @@ def probe_start(task: str, checkpoint: str, weights: str, args: argparse.Namespa
     model_cfg = replace(source.model_cfg, hidden_dropout=0.0, attention_dropout=0.0)
     prepared = prepare(cfg, source.tokenizer(cfg.tokenizer), model_cfg.arch)
     problem = prepared.problem
-    torch.manual_seed(args.seed)
-    model = FinetuneModel(model_cfg, "classify", problem.num_labels, pooling="mean")
-    if weights == "pretrained":
-        model.load_pretrained(source.state_dict)
-    model.eval()
     train_y = torch.tensor([f[1] for f in prepared.train_features])
     dev_y = torch.tensor([f[1] for f in prepared.dev_features])
-    train_layers = layer_features(model, problem, prepared.train_features)
-    dev_layers = layer_features(model, problem, prepared.dev_features)
-    names = ["embeddings", *(f"layer_{i + 1}" for i in range(len(train_layers) - 1))]
-    held, dev = {}, {}
-    for name, tx, dx in zip(names, train_layers, dev_layers, strict=True):
-        held[name], dev[name] = probe(tx, train_y, dx, dev_y, problem.num_labels, args.seed)
-    return {"dev_accuracy": {k: round(v, 4) for k, v in dev.items()},
-            "heldout_accuracy": {k: round(v, 4) for k, v in held.items()},
-            "train_examples": len(prepared.train_features), "dev_examples": len(prepared.dev_features)}  # fmt: skip
+    out = {}
+    for weights in ([RANDOM] if with_random else []) + ["pretrained"]:
+        torch.manual_seed(args.seed)
+        model = FinetuneModel(model_cfg, "classify", problem.num_labels, pooling="mean")
+        if weights == "pretrained":
+            model.load_pretrained(source.state_dict)
+        model.eval()
+        train_layers = layer_features(model, problem, prepared.train_features)
+        dev_layers = layer_features(model, problem, prepared.dev_features)
+        names = ["embeddings", *(f"layer_{i + 1}" for i in range(len(train_layers) - 1))]
+        held, dev = {}, {}
+        for name, tx, dx in zip(names, train_layers, dev_layers, strict=True):
+            held[name], dev[name] = probe(tx, train_y, dx, dev_y, problem.num_labels, args.seed)
+        out[weights] = {"dev_accuracy": {k: round(v, 4) for k, v in dev.items()},
+                        "heldout_accuracy": {k: round(v, 4) for k, v in held.items()},
+                        "train_examples": len(prepared.train_features),
+                        "dev_examples": len(prepared.dev_features)}  # fmt: skip
+    return out
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
@@ -164,17 +170,21 @@ def main() -> None:
     try:
         for task in (t for t in args.tasks.split(",") if t):
             name = task_name(task)
-            first = next(iter(starts.values())).replace("{task}", name)
-            runs = {RANDOM: probe_start(task, first, "random", args)}
-            for start, path in starts.items():
-                runs[start] = probe_start(task, path.replace("{task}", name), "pretrained", args)
+            runs: dict = {}
+            for start, path in starts.items():  # random: the first start's architecture, freshly initialised
+                first = RANDOM not in runs
+                probed = probe_checkpoint(task, path.replace("{task}", name), args, with_random=first)
+                if first:
+                    runs[RANDOM] = probed[RANDOM]
+                runs[start] = probed["pretrained"]
             base = runs[RANDOM]["dev_accuracy"]
             for start in starts:
                 run = runs[start]
                 chosen = max(run["heldout_accuracy"], key=run["heldout_accuracy"].get)
                 acc, rnd = run["dev_accuracy"][chosen], base[chosen]
+                ratio = error(acc, "accuracy") / max(1e-9, error(rnd, "accuracy"))
                 run.update(layer=chosen, accuracy=acc, random_accuracy=rnd, gain=round(acc - rnd, 4),
-                           error_ratio=round((1 - acc) / max(1 - rnd, 1e-9), 3))  # fmt: skip
+                           error_ratio=round(ratio, 3))  # fmt: skip
             result["tasks"][name] = runs
     except (UserError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
