@@ -299,3 +299,11 @@ def test_a_user_error_of_a_rank_off_the_console_is_shown_once(tmp_path, capsys):
     # --redirects without --tee: no rank on the console.
     _show_hidden_errors(failures, ["--redirects=3", "-m", "pipeline", "train"])
     assert "missing.json not found" in capsys.readouterr().err
+    # A rank that wrote no error.json: torch gives its error file as '<N/A>' (seen in a slow-tier run); the log
+    # is found under torchrun's --log-dir instead.
+    logged = tmp_path / "logs" / "run-id" / "attempt_0" / "1"
+    logged.mkdir(parents=True)
+    (logged / "stderr.log").write_text("error: deepspeed.config: other.json not found\n")
+    failures[1] = SimpleNamespace(exitcode=2, local_rank=1, error_file="<N/A>")
+    _show_hidden_errors(failures, ["--log-dir", str(tmp_path / "logs"), *args])
+    assert capsys.readouterr().err.count("error: deepspeed.config: other.json not found") == 1

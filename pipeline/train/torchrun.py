@@ -21,14 +21,12 @@ def _user_error_ranks(failures: dict) -> list[int]:
     return sorted(rank for rank, failure in failures.items() if getattr(failure, "exitcode", None) == USER_ERROR)
 
 
-def _stderr_on_console(argv: list[str]):
-    """For a local rank, whether torchrun shows its stderr on the console: read with torchrun's own parser from
-    its arguments (and PET_* variables), as its ``--tee`` / ``--redirects`` (a stream or a per-rank mapping) and
+def _stderr_on_console(args):
+    """For a local rank, whether torchrun shows its stderr on the console: from torchrun's parsed arguments (and
+    PET_* variables), as its ``--tee`` / ``--redirects`` (a stream or a per-rank mapping) and
     ``--local-ranks-filter`` (which filters teed output) mean it."""
-    from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing import Std
 
-    args = torchrun.parse_args(argv)
     tee, redirects = Std.from_str(args.tee), Std.from_str(args.redirects)
     shown = {int(r) for r in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None
 
@@ -47,15 +45,30 @@ def _stderr_on_console(argv: list[str]):
 def _show_hidden_errors(failures: dict, argv: list[str]) -> None:
     """A user error printed by a rank whose output went only to its log file (``--local-ranks-filter``): its last
     lines on the console, unless a rank on the console failed the same way (its message is there already)."""
-    on_console = _stderr_on_console(argv)
+    from torch.distributed import run as torchrun
+
+    args = torchrun.parse_args(argv)
+    on_console = _stderr_on_console(args)
     failed = [failures[rank] for rank in _user_error_ranks(failures)]
     if any(on_console(f.local_rank) for f in failed):
         return
     for failure in failed[:1]:  # the same check failed on every rank: once is enough
-        log_file = Path(failure.error_file).parent / "stderr.log" if failure.error_file else None
-        if log_file is not None and log_file.is_file():
+        log_file = _rank_log(failure, args.log_dir)
+        if log_file is not None:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-20:]
             print(f"torchrun: local rank {failure.local_rank} ({log_file}):", *tail, sep="\n  ", file=sys.stderr)
+
+
+def _rank_log(failure, log_dir: str | None) -> Path | None:
+    """A failed rank's stderr.log: beside its error file, or, for a rank that wrote none (torch then gives its
+    error file as '<N/A>'), its newest attempt's under torchrun's --log-dir (<dir>/<run>/attempt_<n>/<rank>/)."""
+    candidates = []
+    if failure.error_file and Path(failure.error_file).is_absolute():
+        candidates.append(Path(failure.error_file).parent / "stderr.log")
+    if log_dir:
+        found = Path(log_dir).glob(f"*/attempt_*/{failure.local_rank}/stderr.log")
+        candidates += sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def _no_restart_after_user_error() -> None:
