@@ -225,6 +225,42 @@ def test_a_resumed_finetuning_logs_each_step_and_evaluation_once(small_tokenizer
     assert [r["step"] for r in records(out, "eval/history.jsonl")] == [2, 4]
 
 
+def test_a_best_score_of_an_attempt_that_died_before_its_checkpoint_is_not_kept(small_tokenizer, tmp_path_factory,
+                                                                                 tmp_path, process_group):  # fmt: skip
+    """eval/best.json is written when a score improves, the checkpoint of that step just after. An attempt that
+    died in between (kill -9 during the save) left a best.json of a step that no checkpoint holds, with a score
+    the re-taken step need not reproduce (another world size, another loader layout). The resumed run must
+    report the scores it made, not the dead attempt's: best.json comes back to what the checkpoint it resumed
+    from had, and agrees with the history and the best checkpoint at the end."""
+    from conftest import require_shared_data
+    from finetune_data import movie_tsv, pretrained_run
+
+    data = require_shared_data()
+    bert = pretrained_run(tmp_path_factory.getbasetemp() / "ft-pretrained", small_tokenizer, "bert")
+    out = tmp_path / "run"
+    args = ["finetune", "--config", "configs/finetune/movie-sentiment.yaml", "--checkpoint", str(bert),
+            "--train.output_dir", str(out), "--data.train.path", str(movie_tsv(data, tmp_path / "movies.tsv", 80)),
+            "--train.micro_batch_size", "8", "--train.global_batch_size", "8", "--finetune.epochs", "0",
+            "--train.max_steps", "4", "--finetune.eval_every", "2", "--checkpoint.every_steps", "2",
+            "--checkpoint.keep_last", "10", "--tracking.enabled", "false", "--train.loss_curve", "false"]  # fmt: skip
+    run_cli_in_process(*args, env=process_group.env)
+    # The dead attempt: step 4 scored higher than anything this run can score, best.json written, no checkpoint.
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    best = json.loads((out / "eval" / "best.json").read_text())
+    metric = best["metric"]
+    best.update(step=4, metrics={**best["metrics"], metric: 2.0})
+    (out / "eval" / "best.json").write_text(json.dumps(best))
+
+    report = json.loads(run_cli_in_process(*args, env=process_group.env).stdout.strip().splitlines()[-1])
+    assert report["steps"] == 4
+    history = {r["step"]: r[metric] for r in records(out, "eval/history.jsonl")}
+    assert sorted(history) == [2, 4]
+    best = json.loads((out / "eval" / "best.json").read_text())
+    assert best["metrics"][metric] == max(history.values()) != 2.0
+    assert best["metrics"][metric] == history[best["step"]]
+    assert report["best"]["step"] == best["step"] and report["best_checkpoint"].endswith(f"step_{best['step']:08d}")
+
+
 @pytest.mark.slow
 def test_group_signal_during_a_finetuning_evaluation(small_tokenizer, tmp_path_factory, tmp_path, process_group):
     """SIGTERM to the job as the dev set is being scored (it starts right after the step's record is written):

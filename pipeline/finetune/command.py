@@ -58,12 +58,11 @@ def finetune(cfg: FinetuneJobConfig, stop=None) -> dict:
     from pipeline.export.source import open_pretrained
     from pipeline.finetune.data import prepare
     from pipeline.finetune.report import write_report
-    from pipeline.finetune.task import EVAL_DIR, FinetuneTask, check_packing, write_json
-    from pipeline.train.checkpoint import find_checkpoint, read_mark
+    from pipeline.finetune.task import EVAL_DIR, FinetuneTask, check_packing, restore_eval_records, write_json
+    from pipeline.train.checkpoint import find_checkpoint
     from pipeline.train.command import check_paths, preflight
     from pipeline.train.engine import init_distributed
     from pipeline.train.loop import check_batch_config, run_training
-    from pipeline.train.metrics import truncate_records
 
     # ---- everything that can be wrong is checked before any process group or weights exist
     if not cfg.init.checkpoint:
@@ -124,8 +123,8 @@ def finetune(cfg: FinetuneJobConfig, stop=None) -> dict:
             resume = find_checkpoint(cfg.checkpoint.resume, out)
             if resume is None:
                 shutil.rmtree(out / EVAL_DIR, ignore_errors=True)  # scores of an attempt that left no checkpoint
-            else:  # scores of the steps after that checkpoint are taken again: each step's once
-                truncate_records(out / EVAL_DIR / "history.jsonl", read_mark(resume)["step"])
+            else:  # the steps after that checkpoint are taken again: scores as they were at that checkpoint
+                restore_eval_records(out, resume)
             write_json(out / "lineage.json", lineage)
         if dist.is_initialized():
             dist.barrier()

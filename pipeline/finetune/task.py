@@ -10,6 +10,7 @@ the outputs are gathered on every rank and every rank computes the same scores; 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,10 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flops_per_token
 from pipeline.train.loop import StepOutput, host_padding
 
+log = logging.getLogger(__name__)
+
 EVAL_DIR = "eval"
+BEST_IN_CHECKPOINT = "eval_best.json"  # a checkpoint's copy of eval/best.json as of its step
 
 
 def _json_safe(value):
@@ -48,6 +52,26 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_json_safe(data), indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def restore_eval_records(out: Path, tag_dir: Path) -> None:
+    """Bring ``eval/`` back to what it was at the checkpoint a run resumes from: the scores of later steps
+    are dropped (they are taken again, each step's once) and best.json is the checkpoint's copy, so that a
+    best score of an attempt that died before its checkpoint was published is not kept."""
+    from pipeline.train.checkpoint import read_mark
+    from pipeline.train.metrics import truncate_records
+
+    step = read_mark(tag_dir)["step"]
+    eval_dir = out / EVAL_DIR
+    truncate_records(eval_dir / "history.jsonl", step)
+    best, saved = eval_dir / "best.json", tag_dir / BEST_IN_CHECKPOINT
+    if saved.is_file():
+        write_json(best, json.loads(saved.read_text(encoding="utf-8")))
+    elif best.is_file() and (best_step := json.loads(best.read_text(encoding="utf-8"))["step"]) > step:
+        # a checkpoint from before checkpoints kept a copy: at least drop a best score from after it
+        log.warning("%s: the best score of step %d is from after the checkpoint resumed from (step %d): dropped",
+                    best, best_step, step)  # fmt: skip
+        best.unlink()
 
 
 def check_packing(cfg: FinetuneJobConfig, arch: str) -> None:
@@ -222,6 +246,12 @@ class FinetuneTask:
                 write_json(self.eval_dir / "best.json", {"step": step, "metric": self.metric, "metrics": metrics,
                                                          **details})  # fmt: skip
         return {f"eval_{k}": v for k, v in metrics.items()}
+
+    def checkpoint_files(self) -> dict[str, Path]:
+        # best.json is written when a score improves and the checkpoint of that step just after: an attempt
+        # killed in between left a best score that no checkpoint holds. Each checkpoint keeps the best.json of
+        # its step, and a resumed run takes that one back (restore_eval_records).
+        return {BEST_IN_CHECKPOINT: self.eval_dir / "best.json"}
 
     def _load_best(self) -> float | None:
         """The best dev score of an earlier attempt of this run (resume), so 'best' survives restarts."""

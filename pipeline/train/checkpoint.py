@@ -3,7 +3,8 @@
 DeepSpeed's ``save_checkpoint`` writes ``latest`` from rank 0 before its barrier, so a crash can publish a tag
 whose shards are incomplete. Here every save goes to a new tag directory with ``save_latest=False``; each rank
 adds its own state file (RNG states and loader position: DeepSpeed keeps ``client_state`` from rank 0 only);
-after a barrier rank 0 writes ``checkpoint.json`` into the tag (the publication mark) and only then moves
+after a barrier rank 0 copies in the run files that must agree with the checkpoint (fine-tuning's best dev
+score), writes ``checkpoint.json`` into the tag (the publication mark) and only then moves
 ``latest`` with an atomic rename. Loading ignores tags without ``checkpoint.json``. Older published tags beyond
 ``keep_last`` and unpublished leftovers of crashed saves are deleted after a successful publication.
 """
@@ -119,7 +120,9 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
 
-    def save(self, engine, step: int, client_state: dict, rank_state: dict, mark: dict) -> Path:
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, mark: dict,
+             run_files: dict[str, Path] | None = None) -> Path:  # fmt: skip
+        """``run_files``: copies of run files (name in the tag -> path) that rank 0 adds before publishing."""
         tag = tag_for(step)
         tag_dir = self.dir / tag
         t0 = time.time()
@@ -131,6 +134,9 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
+            for name, src in (run_files or {}).items():
+                if src.is_file():
+                    shutil.copyfile(src, tag_dir / name)
             files = sorted(p.name for p in tag_dir.iterdir() if p.is_file())
             expected = {f"rank_{r:05d}_state.pt" for r in range(self.world_size)}
             missing = expected - set(files)

@@ -87,6 +87,10 @@ class Task(Protocol):
 
     def describe(self) -> dict: ...
 
+    # Files of the run whose content must agree with a checkpoint (fine-tuning's best dev score): copied into
+    # each checkpoint before it is published, under the given names, so that a resumed run can take them back.
+    def checkpoint_files(self) -> dict[str, Path]: ...
+
 
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
@@ -242,7 +246,8 @@ def run_training(
             metrics.log_step(state, step.loss, lr, skipped, sums, engine, optimizer)
             improved = evals.run(task, engine, state, tracker)
             if saves.due(state.step, step.flags["save_by_time"], improved, step.flags["stop"]):
-                checkpoints.save(engine, state, task.data_layout(), stop.signal_name, improved, tracker)
+                checkpoints.save(engine, state, task.data_layout(), stop.signal_name, improved, tracker,
+                                 files=task.checkpoint_files())  # fmt: skip
                 saves.saved()
             if step.flags["stop"]:
                 log.warning("stop requested (%s): checkpoint written at step %d", stop.signal_name or "signal",

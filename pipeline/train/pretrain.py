@@ -118,6 +118,9 @@ class PretrainTask:
     def describe(self) -> dict:
         return {"artifacts": [str(Path(self.shard_set.directory) / "manifest.json")]}
 
+    def checkpoint_files(self) -> dict[str, Path]:
+        return {}
+
 
 def model_config_for_shards(model_cfg: ModelConfig, shard_set: ShardSet) -> ModelConfig:
     """The model config with the tokenizer's vocabulary, checked against what the shards hold."""

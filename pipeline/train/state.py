@@ -107,7 +107,9 @@ class RunCheckpoints:
         log.info("resumed from %s at step %d (epoch %d)", point.tag_dir, state.step, state.epoch)
         return state
 
-    def save(self, engine, state: TrainState, data_layout: dict, reason: str, best: bool, tracker) -> Path:
+    def save(self, engine, state: TrainState, data_layout: dict, reason: str, best: bool, tracker,
+             files: dict[str, Path] | None = None) -> Path:  # fmt: skip
+        """A published checkpoint of ``state``; ``files``: run files (name -> path, rank 0's) to publish with it."""
         client = {
             "train_state": {
                 **asdict(state),
@@ -128,7 +130,7 @@ class RunCheckpoints:
             "best": best,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tag_dir = self.files.save(engine, state.step, client, rank_state, mark)
+        tag_dir = self.files.save(engine, state.step, client, rank_state, mark, files or {})
         if self.rank == 0:
             save_config(self.config, tag_dir / "config.yaml")
             tracker.set_tags({"last_checkpoint": str(tag_dir)})
