@@ -4,17 +4,21 @@
 BERT and GPT starts therefore come from separate runs. This reads their JSON lines (files, or `-` for stdin)
 and prints, per task and metric, every start with its random baseline, the gain, the ratio of dev errors
 (start / random: below 1 is fewer mistakes) and the seeds won, as Markdown (the README's table) and, with
---json, as one JSON line. --plot draws the gain over random against the number of labelled examples (one
-line per task and start, every seed a dot): the picture of where pre-training stops paying as labels grow.
+--json, as one JSON line; "gain sd" is the standard deviation of the per-seed gains, the noise a gain must
+clear for every seed to win. --plot draws the gain over random against the number of labelled examples (one
+line per task and start, every seed a dot): the picture of where pre-training stops paying as labels grow;
+with --plot-by pretraining, against the tokens each start was pre-trained on (one line per task and label
+budget; pass the results of starts taken along one pre-training run): what more pre-training buys.
 
 usage: python benchmarks/transfer_table.py RESULT.json [RESULT.json ...] [--label FILE=NAME ...] [--json]
-       [--tasks spam,...] [--plot PNG [--metric accuracy]]
+       [--tasks spam,...] [--plot PNG [--plot-by labels|pretraining] [--metric accuracy]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -52,19 +56,25 @@ def rows(result: dict, label: str) -> list[dict]:
                 if metric not in random:
                     continue
                 per_seed = t["gain_per_seed"][start]
+                gains = [g[metric] for g in per_seed if metric in g]
                 out.append({
                     "task": task, "examples": examples, "start": f"{label}{start}", "metric": metric,
                     "start_score": value, "random_score": random[metric], "gain": gain[metric],
                     "error_ratio": round(error_ratio(value, random[metric], metric not in ("accuracy", "macro_f1")), 4),
+                    "gain_sd": round(statistics.stdev(gains), 4) if len(gains) > 1 else None,
                     "wins": f"{t['wins'][start]}/{len(per_seed)}",
-                    "seeds_better": f"{sum(g[metric] > 0 for g in per_seed)}/{len(per_seed)}",
+                    "seeds_better": f"{sum(g > 0 for g in gains)}/{len(per_seed)}",
                 })  # fmt: skip
     return out
 
 
-def gain_curves(results: list[tuple[dict, str]], metric: str) -> dict[tuple[str, str], dict[int, list[float]]]:
-    """(task, start) -> labelled examples -> the per-seed gains over random in ``metric``. A run over all
-    examples (budget 0) is placed at the count its runs report."""
+def gain_curves(results: list[tuple[dict, str]], metric: str,
+                by: str = "labels") -> dict[tuple[str, str], dict[int, list[float]]]:  # fmt: skip
+    """(task, series) -> x -> the per-seed gains over random in ``metric``.
+
+    ``by="labels"``: one series per start, x = labelled examples (a run over all examples, budget 0, is placed
+    at the count its runs report). ``by="pretraining"``: one series per label budget, x = the tokens the start
+    was pre-trained on (transfer.py records them per start and task)."""
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}
     for result, label in results:
         for task, t in result["tasks"].items():
@@ -73,29 +83,42 @@ def gain_curves(results: list[tuple[dict, str]], metric: str) -> dict[tuple[str,
                                                                    if r.get("train_examples")), 0)  # fmt: skip
             for start, per_seed in t.get("gain_per_seed", {}).items():
                 gains = [g[metric] for g in per_seed if metric in g]
-                if gains and examples:
-                    curves.setdefault((task, f"{label}{start}"), {}).setdefault(int(examples), []).extend(gains)
+                if by == "labels":
+                    series, x = f"{label}{start}", examples
+                else:
+                    pretraining = result.get("starts", {}).get(start, {}).get(task, {}).get("pretraining") or {}
+                    series, x = f"{label}{examples or 'all'} labels", pretraining.get("tokens", 0)
+                if gains and x:
+                    curves.setdefault((task, series), {}).setdefault(int(x), []).extend(gains)
     return curves
 
 
-def plot_gains(curves: dict[tuple[str, str], dict[int, list[float]]], path: str, metric: str) -> None:
-    """The gain over random against labelled examples: per task and start, the mean (line), each seed (dots)."""
+def plot_gains(curves: dict[tuple[str, str], dict[int, list[float]]], path: str, metric: str,
+               by: str = "labels") -> None:  # fmt: skip
+    """The gain over random against labelled examples (or pre-training tokens): per task and series, the mean
+    (line), each seed (dots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scale = 1.0 if by == "labels" else 1e6  # pre-training: millions of tokens
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (task, start), points in sorted(curves.items()):
+    for (task, series), points in sorted(curves.items()):
         xs = sorted(points)
-        line = ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"{task}, {start}")[0]
+        line = ax.plot([x / scale for x in xs], [sum(points[x]) / len(points[x]) for x in xs], marker="o",
+                       label=f"{task}, {series}")[0]  # fmt: skip
         for x in xs:
-            ax.scatter([x] * len(points[x]), points[x], s=12, color=line.get_color(), alpha=0.5)
+            ax.scatter([x / scale] * len(points[x]), points[x], s=12, color=line.get_color(), alpha=0.5)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled training examples")
+    if by == "labels":
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training examples")
+        ax.set_title("What pre-training buys, by the number of labels")
+    else:
+        ax.set_xlabel("pre-training tokens of the start (millions)")
+        ax.set_title("What pre-training buys, by pre-training")
     ax.set_ylabel(f"{metric}: start - random (dots: seeds)")
-    ax.set_title("What pre-training buys, by the number of labels")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -110,24 +133,30 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the Markdown table")
     parser.add_argument("--tasks", default="", help="only these tasks, comma-separated (default: all)")
     parser.add_argument("--plot", default="", metavar="PNG", help="also draw the gain against labelled examples")
+    parser.add_argument("--plot-by", choices=("labels", "pretraining"), default="labels",
+                        help="--plot's x: labelled examples (default) or the starts' pre-training tokens")  # fmt: skip
     parser.add_argument("--metric", default="accuracy", help="the metric --plot draws (default: accuracy)")
     args = parser.parse_args()
     labels = dict(item.split("=", 1) for item in args.label)
     results = [(only_tasks(load(path), args.tasks), labels.get(path, "")) for path in args.results]
     if args.plot:
-        curves = gain_curves(results, args.metric)
+        curves = gain_curves(results, args.metric, args.plot_by)
         if not curves:
-            raise SystemExit(f"--plot: these results hold no per-seed gains in {args.metric!r}")
-        plot_gains(curves, args.plot, args.metric)
+            what = "" if args.plot_by == "labels" else " of starts with recorded pre-training tokens"
+            raise SystemExit(f"--plot: these results hold no per-seed gains in {args.metric!r}{what}")
+        plot_gains(curves, args.plot, args.metric, args.plot_by)
     table = [row for result, label in results for row in rows(result, label)]
     if args.json:
         print(json.dumps({"benchmark": "transfer_table", "rows": table}))
         return
-    print("| task | labelled examples | start | metric | start score | random | gain | error ratio | seeds won |")
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| task | labelled examples | start | metric | start score | random | gain | gain sd | error ratio "
+          "| seeds won |")  # fmt: skip
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in table:
+        sd = "-" if r["gain_sd"] is None else f"{r['gain_sd']:.4f}"
         print(f"| {r['task']} | {r['examples']} | {r['start']} | {r['metric']} | {r['start_score']:.4f} | "
-              f"{r['random_score']:.4f} | {r['gain']:+.4f} | {r['error_ratio']:.2f} | {r['wins']} |")  # fmt: skip
+              f"{r['random_score']:.4f} | {r['gain']:+.4f} | {sd} | {r['error_ratio']:.2f} "
+              f"| {r['wins']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -95,3 +95,29 @@ def test_gains_are_placed_by_labelled_examples(tmp_path):
     assert list(table.only_tasks(both, "spam")["tasks"]) == ["spam"] and table.only_tasks(both, "") == both
     table.plot_gains(curves, str(tmp_path / "curve.png"), "accuracy")
     assert (tmp_path / "curve.png").stat().st_size > 5000
+
+
+def test_gains_are_placed_by_the_starts_pretraining_and_carry_their_seed_spread(tmp_path):
+    """--plot-by pretraining: starts taken along one pre-training run become one curve per label budget, each
+    at the tokens its start was pre-trained on; a start without recorded tokens is left out. The table's rows
+    carry the standard deviation of the per-seed gains (the noise a gain must clear in every seed)."""
+
+    def along(examples: int, gains: dict[str, list[float]], tokens: dict[str, int]) -> dict:
+        runs = {name: [{"seed": s, "accuracy": 0.7} for s in range(len(g))] for name, g in gains.items()}
+        task = {"runs": {**runs, "random": runs[next(iter(runs))]},
+                "gain_per_seed": {name: [{"accuracy": x} for x in g] for name, g in gains.items()},
+                "mean": {**{name: {"accuracy": 0.7} for name in gains}, "random": {"accuracy": 0.69}},
+                "gain": {name: {"accuracy": sum(g) / len(g)} for name, g in gains.items()},
+                "wins": {name: sum(x > 0 for x in g) for name, g in gains.items()}}  # fmt: skip
+        return {"budget": {"train_examples": examples}, "tasks": {"movie-sentiment": task},
+                "starts": {name: {"movie-sentiment": {"pretraining": {"step": 1, "tokens": n}}}
+                           for name, n in tokens.items()}}  # fmt: skip
+
+    result = along(2400, {"s4k": [-0.05, -0.03], "s20k": [0.01, -0.01], "export": [0.02, 0.0]},
+                   {"s4k": 12_800_000, "s20k": 64_000_000})  # fmt: skip
+    curves = table.gain_curves([(result, "")], "accuracy", by="pretraining")
+    assert curves == {("movie-sentiment", "2400 labels"): {12_800_000: [-0.05, -0.03], 64_000_000: [0.01, -0.01]}}
+    table.plot_gains(curves, str(tmp_path / "by-pretraining.png"), "accuracy", by="pretraining")
+    assert (tmp_path / "by-pretraining.png").stat().st_size > 5000
+    rows = {r["start"]: r for r in table.rows(result, "")}
+    assert rows["s4k"]["gain_sd"] == pytest.approx(0.0141, abs=1e-4) and rows["s20k"]["seeds_better"] == "1/2"
