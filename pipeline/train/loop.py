@@ -247,7 +247,7 @@ def run_training(
             improved = evals.run(task, engine, state, tracker)
             if saves.due(state.step, step.flags["save_by_time"], improved, step.flags["stop"]):
                 checkpoints.save(engine, state, task.data_layout(), stop.signal_name, improved, tracker,
-                                 files=task.checkpoint_files())  # fmt: skip
+                                 run_files=task.checkpoint_files())  # fmt: skip
                 saves.saved()
             if step.flags["stop"]:
                 log.warning("stop requested (%s): checkpoint written at step %d", stop.signal_name or "signal",

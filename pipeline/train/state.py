@@ -108,8 +108,8 @@ class RunCheckpoints:
         return state
 
     def save(self, engine, state: TrainState, data_layout: dict, reason: str, best: bool, tracker,
-             files: dict[str, Path] | None = None) -> Path:  # fmt: skip
-        """A published checkpoint of ``state``; ``files``: run files (name -> path, rank 0's) to publish with it."""
+             run_files: dict[str, Path] | None = None) -> Path:  # fmt: skip
+        """A published checkpoint of ``state``; ``run_files``: files (name -> path, rank 0's) to publish with it."""
         client = {
             "train_state": {
                 **asdict(state),
@@ -130,7 +130,7 @@ class RunCheckpoints:
             "best": best,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tag_dir = self.files.save(engine, state.step, client, rank_state, mark, files or {})
+        tag_dir = self.files.save(engine, state.step, client, rank_state, mark, run_files or {})
         if self.rank == 0:
             save_config(self.config, tag_dir / "config.yaml")
             tracker.set_tags({"last_checkpoint": str(tag_dir)})
