@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli_in_process
@@ -202,10 +203,9 @@ def test_group_signals_at_every_moment_then_each_step_once(bert_shards, tmp_path
     assert client.get_run(final["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_a_resumed_finetuning_logs_each_step_and_evaluation_once(small_tokenizer, tmp_path_factory, tmp_path,
-                                                                   process_group):  # fmt: skip
-    """A fine-tuning run whose checkpoint of step 4 is gone (as if it had died after scoring step 4) takes steps
-    3-4 again: metrics.jsonl and eval/history.jsonl still hold each step once."""
+def _four_step_finetuning(small_tokenizer, tmp_path_factory, tmp_path) -> tuple[Path, list[str]]:
+    """The run directory and CLI arguments of a 4-step fine-tuning of a tiny BERT on 80 movie reviews, scored and
+    checkpointed every 2 steps (every checkpoint kept)."""
     from conftest import require_shared_data
     from finetune_data import movie_tsv, pretrained_run
 
@@ -217,6 +217,14 @@ def test_a_resumed_finetuning_logs_each_step_and_evaluation_once(small_tokenizer
             "--train.micro_batch_size", "8", "--train.global_batch_size", "8", "--finetune.epochs", "0",
             "--train.max_steps", "4", "--finetune.eval_every", "2", "--checkpoint.every_steps", "2",
             "--checkpoint.keep_last", "10", "--tracking.enabled", "false", "--train.loss_curve", "false"]  # fmt: skip
+    return out, args
+
+
+def test_a_resumed_finetuning_logs_each_step_and_evaluation_once(small_tokenizer, tmp_path_factory, tmp_path,
+                                                                   process_group):  # fmt: skip
+    """A fine-tuning run whose checkpoint of step 4 is gone (as if it had died after scoring step 4) takes steps
+    3-4 again: metrics.jsonl and eval/history.jsonl still hold each step once."""
+    out, args = _four_step_finetuning(small_tokenizer, tmp_path_factory, tmp_path)
     run_cli_in_process(*args, env=process_group.env)
     shutil.rmtree(out / "checkpoints" / "step_00000004")
     report = json.loads(run_cli_in_process(*args, env=process_group.env).stdout.strip().splitlines()[-1])
@@ -232,17 +240,7 @@ def test_a_best_score_of_an_attempt_that_died_before_its_checkpoint_is_not_kept(
     the re-taken step need not reproduce (another world size, another loader layout). The resumed run must
     report the scores it made, not the dead attempt's: best.json comes back to what the checkpoint it resumed
     from had, and agrees with the history and the best checkpoint at the end."""
-    from conftest import require_shared_data
-    from finetune_data import movie_tsv, pretrained_run
-
-    data = require_shared_data()
-    bert = pretrained_run(tmp_path_factory.getbasetemp() / "ft-pretrained", small_tokenizer, "bert")
-    out = tmp_path / "run"
-    args = ["finetune", "--config", "configs/finetune/movie-sentiment.yaml", "--checkpoint", str(bert),
-            "--train.output_dir", str(out), "--data.train.path", str(movie_tsv(data, tmp_path / "movies.tsv", 80)),
-            "--train.micro_batch_size", "8", "--train.global_batch_size", "8", "--finetune.epochs", "0",
-            "--train.max_steps", "4", "--finetune.eval_every", "2", "--checkpoint.every_steps", "2",
-            "--checkpoint.keep_last", "10", "--tracking.enabled", "false", "--train.loss_curve", "false"]  # fmt: skip
+    out, args = _four_step_finetuning(small_tokenizer, tmp_path_factory, tmp_path)
     run_cli_in_process(*args, env=process_group.env)
     # The dead attempt: step 4 scored higher than anything this run can score, best.json written, no checkpoint.
     shutil.rmtree(out / "checkpoints" / "step_00000004")

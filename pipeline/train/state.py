@@ -130,7 +130,7 @@ class RunCheckpoints:
             "best": best,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tag_dir = self.files.save(engine, state.step, client, rank_state, mark, run_files or {})
+        tag_dir = self.files.save(engine, state.step, client, rank_state, mark, run_files)
         if self.rank == 0:
             save_config(self.config, tag_dir / "config.yaml")
             tracker.set_tags({"last_checkpoint": str(tag_dir)})
